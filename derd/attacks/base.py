@@ -1,0 +1,50 @@
+"""What every attack shares: device handling, [0,1] + eps-ball projection, eval mode and its restore."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode and restore each submodule's own train/eval flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip into the L-inf ball of radius eps around x, then into [0,1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class Attack:
+    """An L-inf attack on inputs in [0,1]. Subclasses implement :meth:`perturb` on tensors that are
+    already on the model's device, with the model in eval mode."""
+
+    def __init__(self, model: nn.Module, eps: float):
+        if eps < 0:
+            raise ValueError(f"eps must be ≥ 0, got {eps}")
+        self.model, self.eps = model, eps
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        device = model_device(self.model)
+        x = x.detach().to(device)
+        y = y.to(device) if y is not None else None
+        with eval_mode(self.model):
+            x_adv = self.perturb(x, y)
+        return project(x_adv, x, self.eps).detach()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError

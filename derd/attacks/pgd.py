@@ -1,0 +1,97 @@
+"""Projected gradient descent (Madry et al. 2018) and its label-free KL form (TRADES/Stage-II)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Attack, project
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target) -> per-example loss
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+class PGD(Attack):
+    """L-inf PGD ascent on a per-example loss (cross-entropy by default).
+
+    Args: eps radius; steps and step_size of signed-gradient ascent; start ``uniform`` (U(-eps, eps)),
+    ``zero`` or ``normal`` (x + 0.001·N(0,1)); restarts keep, per example, the first restart that
+    fools the model (or the last one).
+    """
+
+    start = "uniform"
+
+    def __init__(self, model: nn.Module, eps: float, steps: int = 20, step_size: float = 2 / 255,
+                 restarts: int = 1, start: str | None = None, loss: LossFn = ce_loss, seed: int | None = None):
+        super().__init__(model, eps)
+        self.steps, self.step_size, self.restarts, self.loss = steps, step_size, restarts, loss
+        self.start = start or self.start
+        self.seed = seed
+
+    def _init(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.start == "uniform":
+            noise = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * self.eps
+        elif self.start == "normal":
+            noise = 0.001 * torch.randn(x.shape, generator=gen, device=x.device)
+        else:
+            noise = torch.zeros_like(x)
+        return project(x + noise, x, self.eps)
+
+    def target(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """What the loss compares against: the labels (label-free subclasses override)."""
+        if y is None:
+            raise ValueError(f"{type(self).__name__} needs labels")
+        return y
+
+    def ascend(self, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        x_adv = self._init(x, gen)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            loss = self.loss(self.model(x_adv), target).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = project(x_adv.detach() + self.step_size * grad.sign(), x, self.eps)
+        return x_adv.detach()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        gen = None
+        if self.seed is not None:
+            gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        target = self.target(x, y)
+        best = self.ascend(x, target, gen)
+        if self.restarts > 1 and y is not None:
+            with torch.no_grad():
+                fooled = self.model(best).argmax(1) != y
+            for _ in range(self.restarts - 1):
+                if fooled.all():
+                    break
+                candidate = self.ascend(x, target, gen)
+                with torch.no_grad():
+                    now = self.model(candidate).argmax(1) != y
+                take = now & ~fooled
+                best = torch.where(take.view(-1, 1, 1, 1), candidate, best)
+                fooled |= now
+        return best
+
+
+def kl_loss(logits: torch.Tensor, clean_probs: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(p_clean ‖ softmax(logits))."""
+    return F.kl_div(F.log_softmax(logits, 1), clean_probs, reduction="none").sum(1)
+
+
+class KLPGD(PGD):
+    """Label-free PGD maximising KL(σ(f(x)) ‖ σ(f(x_adv))) — TRADES' inner problem and Stage-II's
+    adversarial pseudo examples. Default start x + 0.001·N(0, I)."""
+
+    start = "normal"
+
+    def __init__(self, model: nn.Module, eps: float, steps: int = 10, step_size: float | None = None, **kw):
+        super().__init__(model, eps, steps, step_size if step_size is not None else eps / 4, loss=kl_loss, **kw)
+
+    def target(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return F.softmax(self.model(x), 1)

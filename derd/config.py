@@ -1,0 +1,245 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every key of ``params.yaml`` maps onto a field below; unknown keys, wrong types and out-of-range
+values raise :class:`ConfigError` with one line per problem naming the key path, e.g.
+``stage2.lambda_rob: must be ≥ 0, got -1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet100")
+ARCHITECTURES = (
+    "small_cnn", "small_resnet", "resnet18", "resnet34", "preact_resnet18", "wrn34_10",
+    "mobilenet_v2", "resnet18_imagenet", "resnet50_imagenet",
+)
+GENERATORS = ("dafl", "dcgan")
+METHODS = ("derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard")
+AGGREGATIONS = ("sga", "sum", "pcgrad", "graddrop", "mtard")
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (key paths included)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Augment(Section):
+    crop_padding: int = Field(2, ge=0)  # random crop after zero padding of this many pixels
+    hflip: bool = False  # random horizontal flip (off for digits: a flipped 2 is not a 2)
+
+
+class Data(Section):
+    name: Literal[DATASETS] = "digits"
+    root: str = "data"  # where cifar/imagenet100 live (ignored by digits)
+    download: bool = False  # let torchvision download CIFAR into root
+    image_size: int = Field(16, ge=8)  # digits are resized to this square; ImageNet crops to it
+    test_fraction: float = Field(0.25, gt=0, lt=1)  # digits only: stratified held-out test split
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # carved from training data, for tuning
+    split_seed: int = 0
+    augment: Augment = Augment()
+
+
+class Optim(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class Attack(Section):
+    eps: float = Field(0.2, ge=0, le=1)  # L-inf radius in [0,1] pixel units
+    steps: int = Field(10, ge=1)
+    step_size: float = Field(0.05, gt=0)
+
+
+class NaturalTeacher(Section):
+    arch: Literal[ARCHITECTURES] = "small_resnet"
+    width: int = Field(16, ge=1)  # base width of the small offline nets (ignored by others)
+    checkpoint: str | None = None  # load this instead of training
+    train: Optim = Optim()
+
+
+class RobustTeacher(NaturalTeacher):
+    method: Literal["pgd_at", "trades"] = "pgd_at"
+    trades_beta: float = Field(6.0, ge=0)
+    attack: Attack = Attack()
+
+
+class Teachers(Section):
+    natural: NaturalTeacher = NaturalTeacher()
+    robust: RobustTeacher = RobustTeacher()
+    eval_pgd_steps: int = Field(20, ge=1)  # PGD steps for the sidecar's robust accuracy
+
+
+class Generator(Section):
+    arch: Literal[GENERATORS] = "dafl"
+    nz: int = Field(100, ge=1)  # latent size
+
+
+class Inversion(Section):
+    pool_size: int = Field(512, ge=1)  # DERD_inv: images optimised into the pool
+    batch_size: int = Field(128, ge=1)
+    steps: int = Field(200, ge=1)
+    lr: float = Field(0.05, gt=0)
+
+
+class Stage1(Section):
+    generator: Generator = Generator()
+    iterations: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.01, gt=0)  # Adam
+    lambda_oh: float = Field(0.05, ge=0)
+    lambda_ie: float = Field(5.0, ge=0)
+    lambda_bn: float = Field(1e-5, ge=0)
+    lambda_a: float = Field(0.01, ge=0)
+    ie_log_base: Literal["e", "10"] = "e"  # DAFL used log10; METHOD.md uses ln
+    health_samples: int = Field(1024, ge=10)
+    collapse_threshold: float = Field(0.6, gt=0, le=1)  # warn when one class exceeds this share
+    inversion: Inversion = Inversion()
+    log_every: int = Field(10, ge=1)
+
+
+class Student(Section):
+    arch: Literal[ARCHITECTURES] = "small_cnn"
+    width: int = Field(16, ge=1)
+
+
+class Stage2(Section):
+    methods: list[Literal[METHODS]] = Field(["derd"], min_length=1)
+    seeds: list[int] = Field([0], min_length=1)  # one student per (method, seed)
+    student: Student = Student()
+    iterations: int = Field(200, ge=1)  # generator steps; each is followed by k_student steps
+    k_student: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr_student: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_generator: float = Field(1e-3, gt=0)
+    lambda_d: float = Field(0.003, ge=0)
+    discrepancy: Literal["l1", "kl"] = "l1"
+    lambda_rob: float = Field(0.5, ge=0)
+    lambda_nat: float = Field(1.0, ge=0)
+    lambda_sga: float = Field(5e-4, ge=0)
+    aggregation: Literal[AGGREGATIONS] = "sga"
+    tau: float = Field(1.0, gt=0)
+    rob_target: Literal["adv", "clean"] = "adv"
+    augment: bool = True  # crop(pad 4)+flip on pseudo data
+    attack: Attack = Attack()
+    checkpoint_every: int = Field(50, ge=1)
+    monitor_every: int = Field(0, ge=0)  # 0 = no test-set monitoring (curves only when > 0)
+    log_every: int = Field(10, ge=1)
+
+
+class AttackSteps(Section):
+    steps: int = Field(20, ge=1)
+    step_size: float = Field(2 / 255, gt=0)
+
+
+class CW(AttackSteps):
+    kappa: float = Field(50.0, ge=0)
+
+
+class AutoAttackCfg(Section):
+    version: Literal["standard", "custom"] = "standard"
+    attacks: list[str] = ["apgd-ce", "apgd-t"]  # used when version is custom
+    batch_size: int = Field(256, ge=1)
+
+
+class Sanity(Section):
+    enabled: bool = True
+    n_examples: int = Field(100, ge=1)  # subset used by the extra attacks of the checks
+    tolerance: float = Field(0.03, ge=0)  # allowed accuracy noise (fraction)
+
+
+class Eval(Section):
+    eps: float = Field(0.2, ge=0, le=1)
+    n_examples: int = Field(500, ge=1)
+    batch_size: int = Field(256, ge=1)
+    pgd_s: AttackSteps = AttackSteps()
+    pgd_t: AttackSteps = AttackSteps(step_size=0.003)
+    cw: CW = CW(steps=30)
+    autoattack: AutoAttackCfg = AutoAttackCfg()
+    sanity: Sanity = Sanity()
+    eps_curve: list[float] = [0.0, 0.25, 0.5, 1.0, 2.0]  # multiples of eps
+    sat_student: bool = False  # also adversarially train the student arch on real data
+
+
+class Tracking(Section):
+    uri: str | None = None  # default: sqlite:///<project>/mlflow.db
+    experiment: str | None = None  # default: derd-<dataset>
+    enabled: bool = True
+
+
+class Config(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: Data = Data()
+    teachers: Teachers = Teachers()
+    stage1: Stage1 = Stage1()
+    stage2: Stage2 = Stage2()
+    eval: Eval = Eval()
+    tracking: Tracking = Tracking()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of the named top-level sections (all of them when none given)."""
+        data = self.model_dump(mode="json")
+        chosen = {k: data[k] for k in (sections or sorted(data))}
+        blob = json.dumps(chosen, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be ≥ {ge}, got {input}",
+    "greater_than": "must be > {gt}, got {input}",
+    "less_than_equal": "must be ≤ {le}, got {input}",
+    "less_than": "must be < {lt}, got {input}",
+    "extra_forbidden": "unknown key (check the spelling against params.yaml)",
+    "literal_error": "must be one of {expected}, got {input!r}",
+    "too_short": "must list at least {min_length} item(s)",
+    "missing": "is required",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (err.get("ctx") or {}).items()}
+    template = _MESSAGES.get(err["type"])
+    if template:
+        text = template.format(input=err.get("input"), **ctx)
+    else:
+        text = f"{err['msg'].removeprefix('Value error, ')}, got {err.get('input')!r}"
+    return f"{path}: {text}"
+
+
+def parse(raw: Any, source: str = "params") -> Config:
+    """Validate a mapping (already loaded YAML) into a :class:`Config`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load(path: str | Path = "params.yaml") -> Config:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse(raw, str(path))

@@ -1,0 +1,219 @@
+"""Dataset registry: every dataset yields [0,1] image tensors and reports its shape and statistics.
+
+``digits`` (the offline default) ships inside scikit-learn; ``cifar10``/``cifar100`` use the
+torchvision loaders (with their real download code); ``imagenet100`` reads an ImageFolder root.
+Augmentation is applied batch-wise on tensors (:func:`augment_batch`) so that the same code
+serves real images and Stage-II pseudo images.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .config import Data
+
+
+class DataError(FileNotFoundError):
+    """A dataset that cannot be found or read, with where it was expected and how to get it."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    shape: tuple[int, int, int]  # C, H, W of model inputs
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class Splits:
+    info: DatasetInfo
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+_REGISTRY: dict[str, Callable[[Data], Splits]] = {}
+
+
+def register_dataset(name: str):
+    def wrap(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def load(cfg: Data) -> Splits:
+    """Load the configured dataset's train/val/test splits."""
+    return _REGISTRY[cfg.name](cfg)
+
+
+def info(cfg: Data) -> DatasetInfo:
+    """Shape, classes and statistics without loading images (cheap for every dataset)."""
+    return _INFOS[cfg.name](cfg)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with ``fraction`` of each class held out, reproducibly."""
+    if fraction == 0:
+        return np.arange(len(labels)), np.arange(0)
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def _carve_val(train: Dataset, labels: np.ndarray, cfg: Data) -> tuple[Dataset, Dataset]:
+    keep, val = _stratified_split(labels, cfg.val_fraction, cfg.split_seed + 1)
+    return Subset(train, keep.tolist()), Subset(train, val.tolist())
+
+
+# ---------------------------------------------------------------- digits (offline default)
+def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, torch.tensor(bunch.target, dtype=torch.long)
+
+
+@register_dataset("digits")
+def _digits(cfg: Data) -> Splits:
+    x, y = _digits_tensors(cfg.image_size)
+    trainval, test = _stratified_split(y.numpy(), cfg.test_fraction, cfg.split_seed)
+    full_train = TensorDataset(x[trainval], y[trainval])
+    train, val = _carve_val(full_train, y[trainval].numpy(), cfg)
+    return Splits(_digits_info(cfg), train, val, TensorDataset(x[test], y[test]))
+
+
+def _digits_info(cfg: Data) -> DatasetInfo:
+    x, _ = _digits_tensors(cfg.image_size)
+    mean, std = _channel_stats(x)
+    return DatasetInfo("digits", (1, cfg.image_size, cfg.image_size), 10, mean, std)
+
+
+# ---------------------------------------------------------------- CIFAR-10 / CIFAR-100
+_CIFAR = {
+    "cifar10": ("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _cifar(cfg: Data) -> Splits:
+    import torchvision
+
+    cls_name, _, _, _ = _CIFAR[cfg.name]
+    cls = getattr(torchvision.datasets, cls_name)
+    root = Path(cfg.root)
+    tensor = torchvision.transforms.ToTensor()
+    try:
+        train = cls(str(root), train=True, transform=tensor, download=cfg.download)
+        test = cls(str(root), train=False, transform=tensor, download=cfg.download)
+    except RuntimeError as exc:
+        raise DataError(
+            f"{cfg.name}: no dataset under data.root={root.resolve()} ({exc}). Set data.download: true "
+            f"on a machine with internet access, or place the extracted python-version archive "
+            f"({cls.base_folder}/) under {root}."
+        ) from None
+    train_set, val_set = _carve_val(train, np.asarray(train.targets), cfg)
+    return Splits(_cifar_info(cfg), train_set, val_set, test)
+
+
+def _cifar_info(cfg: Data) -> DatasetInfo:
+    _, classes, mean, std = _CIFAR[cfg.name]
+    return DatasetInfo(cfg.name, (3, 32, 32), classes, mean, std)
+
+
+register_dataset("cifar10")(_cifar)
+register_dataset("cifar100")(_cifar)
+
+
+# ---------------------------------------------------------------- ImageNet-100 (ImageFolder)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET100_CLASSES = "classes.txt"
+
+
+@register_dataset("imagenet100")
+def _imagenet100(cfg: Data) -> Splits:
+    import torchvision
+    from torchvision import transforms as T
+
+    root = Path(cfg.root)
+    class_file = root / IMAGENET100_CLASSES
+    hint = (
+        f"expected {root}/train/<wnid>/*.JPEG, {root}/val/<wnid>/*.JPEG and {class_file} listing the "
+        "100 class folder names (one per line), e.g. the CMC ImageNet-100 subset of ILSVRC-2012"
+    )
+    if not class_file.is_file() or not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise DataError(f"imagenet100: dataset not found under data.root={root.resolve()}; {hint}")
+    wanted = [c.strip() for c in class_file.read_text().splitlines() if c.strip()]
+    size = cfg.image_size
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.ToTensor()])
+    test_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor()])
+
+    class Subset100(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory):
+            missing = [c for c in wanted if not (Path(directory) / c).is_dir()]
+            if missing:
+                raise DataError(f"imagenet100: class folders {missing[:3]} missing in {directory}; {hint}")
+            return wanted, {c: i for i, c in enumerate(wanted)}
+
+    train = Subset100(str(root / "train"), transform=train_tf)
+    test = Subset100(str(root / "val"), transform=test_tf)
+    train_set, val_set = _carve_val(train, np.asarray(train.targets), cfg)
+    return Splits(_imagenet_info(cfg), train_set, val_set, test)
+
+
+def _imagenet_info(cfg: Data) -> DatasetInfo:
+    root = Path(cfg.root) / IMAGENET100_CLASSES
+    classes = len([c for c in root.read_text().splitlines() if c.strip()]) if root.is_file() else 100
+    return DatasetInfo("imagenet100", (3, cfg.image_size, cfg.image_size), classes, IMAGENET_MEAN, IMAGENET_STD)
+
+
+_INFOS: dict[str, Callable[[Data], DatasetInfo]] = {
+    "digits": _digits_info,
+    "cifar10": _cifar_info,
+    "cifar100": _cifar_info,
+    "imagenet100": _imagenet_info,
+}
+
+
+# ---------------------------------------------------------------- augmentation and batching
+def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop after zero padding, and optional horizontal flip, per image of a batch."""
+    n, _, h, w = x.shape
+    if padding > 0:
+        padded = F.pad(x, (padding,) * 4)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+    return x
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False)
+
+
+def first_n(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` examples of a dataset as two stacked tensors (evaluation subsets)."""
+    n = min(n, len(dataset))
+    xs, ys = zip(*(dataset[i] for i in range(n)))
+    return torch.stack(xs), torch.as_tensor(ys)

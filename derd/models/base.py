@@ -1,0 +1,63 @@
+"""The classifier wrapper every architecture shares, and the architecture registry."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+# builder(in_channels, num_classes, image_size, width) -> network with .features(x) and .fc
+_ARCHS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_arch(name: str):
+    def wrap(fn):
+        _ARCHS[name] = fn
+        return fn
+
+    return wrap
+
+
+def registered_archs() -> list[str]:
+    return sorted(_ARCHS)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """[0,1] images -> logits (and optionally the pooled features feeding the final layer)."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = ""):
+        super().__init__()
+        self.arch = arch
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = self.net.features(self.normalize(x))
+        logits = self.net.fc(features)
+        return (logits, features) if return_features else logits
+
+
+def build_model(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int = 32,
+    width: int = 16,
+) -> Classifier:
+    """Instantiate a registered architecture wrapped with its input normalisation."""
+    if arch not in _ARCHS:
+        raise KeyError(f"unknown architecture {arch!r}; registered: {registered_archs()}")
+    net = _ARCHS[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
+    return Classifier(net, mean, std, arch)

@@ -1,0 +1,160 @@
+"""The two experts: load a user checkpoint safely, or train a natural / adversarially robust teacher.
+
+Natural = cross-entropy. Robust = PGD-AT (Madry et al. 2018) or TRADES (Zhang et al. 2019, β).
+Outputs ``artifacts/teachers/{natural,robust}.pt`` with JSON sidecars and ``metrics/teachers.json``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as datasets
+from .attacks import KLPGD, PGD
+from .config import Config, NaturalTeacher, RobustTeacher
+from .io import CheckpointError, check_finite, load_into, read_json, save_artifact, sidecar_path, write_json
+from .models import Classifier, build_model
+from .runtime import Paths, log, progress, resolve_device, seed_everything
+
+ROLES = ("natural", "robust")
+
+
+def build_for(arch: str, width: int, info: datasets.DatasetInfo) -> Classifier:
+    """An architecture sized for a dataset (channels, classes, statistics)."""
+    c, h, _ = info.shape
+    return build_model(arch, c, info.num_classes, info.mean, info.std, image_size=h, width=width)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    from .attacks import eval_mode
+
+    device = next(model.parameters()).device
+    correct = 0
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            correct += (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+    return correct / max(1, len(x))
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                    batch_size: int = 256) -> float:
+    """Accuracy under PGD (uniform start, step 2.5·eps/steps) — the sidecar's quick robustness figure."""
+    attack = PGD(model, eps, steps=steps, step_size=2.5 * eps / steps, seed=0)
+    advs = torch.cat([attack(x[i : i + batch_size], y[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
+    return accuracy(model, advs, y, batch_size)
+
+
+def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, beta: float) -> torch.Tensor:
+    """CE(f(x), y) + β·KL(σ(f(x)) ‖ σ(f(x_adv))), batchmean (TRADES)."""
+    logits, logits_adv = model(x), model(x_adv)
+    kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + beta * kl
+
+
+def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config, device: torch.device,
+                  desc: str) -> list[dict]:
+    """Train in place; returns per-epoch records. ``spec`` is robust when it carries an attack."""
+    opt_cfg = spec.train
+    opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    loader = datasets.loader(train_set, opt_cfg.batch_size, shuffle=True, seed=cfg.seed)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, opt_cfg.lr, total_steps=opt_cfg.epochs * len(loader))
+    aug = cfg.data.augment
+    history = []
+    for epoch in progress(opt_cfg.epochs, desc):
+        model.train()
+        total, seen = 0.0, 0
+        for x, y in loader:
+            x = datasets.augment_batch(x, aug.crop_padding, aug.hflip).to(device)
+            y = y.to(device)
+            loss = _teacher_loss(model, x, y, spec)
+            check_finite(loss, f"{desc} loss", epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, seen = total + loss.item() * len(x), seen + len(x)
+        history.append({"epoch": epoch, "loss": total / seen})
+    model.eval()
+    return history
+
+
+def _teacher_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: NaturalTeacher) -> torch.Tensor:
+    if not isinstance(spec, RobustTeacher):
+        return F.cross_entropy(model(x), y)
+    a = spec.attack
+    if spec.method == "trades":
+        x_adv = KLPGD(model, a.eps, steps=a.steps, step_size=a.step_size)(x)
+        return trades_loss(model, x, y, x_adv, spec.trades_beta)
+    x_adv = PGD(model, a.eps, steps=a.steps, step_size=a.step_size)(x, y)
+    return F.cross_entropy(model(x_adv), y)
+
+
+def _spec(cfg: Config, role: str) -> NaturalTeacher:
+    return getattr(cfg.teachers, role)
+
+
+def load_teacher(cfg: Config, role: str, root: Path = Path("."), device: str | torch.device = "cpu") -> Classifier:
+    """The teacher artifact written by the teachers stage, frozen and in eval mode."""
+    path = Paths(root).teacher(role)
+    spec = _spec(cfg, role)
+    info = datasets.info(cfg.data)
+    model = build_for(spec.arch, spec.width, info)
+    load_into(model, path)
+    meta = read_json(sidecar_path(path)) if sidecar_path(path).exists() else {}
+    if meta and (meta.get("arch") != spec.arch or meta.get("num_classes") != info.num_classes):
+        raise CheckpointError(
+            f"{path}: built for {meta.get('arch')}/{meta.get('num_classes')} classes, but params say "
+            f"teachers.{role}.arch={spec.arch} with {info.num_classes} classes; rerun `derd teachers`"
+        )
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path = Path(".")) -> dict:
+    """Load (``teachers.<role>.checkpoint``) or train one teacher; write it and its sidecar."""
+    spec = _spec(cfg, role)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed + ROLES.index(role))
+    model = build_for(spec.arch, spec.width, splits.info).to(device)
+    start = time.monotonic()
+    history: list[dict] = []
+    if spec.checkpoint:
+        load_into(model, spec.checkpoint)
+        source = f"checkpoint:{spec.checkpoint}"
+        log.info("teachers.%s: loaded %s", role, spec.checkpoint)
+    else:
+        history = train_teacher(model, splits.train, spec, cfg, device, f"teacher[{role}]")
+        source = "trained:" + ("cross_entropy" if role == "natural" else spec.method)
+    seconds = time.monotonic() - start
+    x, y = datasets.first_n(splits.test, len(splits.test))
+    eps = cfg.teachers.robust.attack.eps
+    metrics = {
+        "clean_acc": accuracy(model, x, y),
+        "pgd_acc": robust_accuracy(model, x, y, eps, cfg.teachers.eval_pgd_steps),
+        "pgd_eps": eps,
+        "pgd_steps": cfg.teachers.eval_pgd_steps,
+        "train_seconds": round(seconds, 2),
+        "n_test": len(y),
+    }
+    sidecar = {
+        "role": role, "arch": spec.arch, "width": spec.width, "dataset": splits.info.name,
+        "num_classes": splits.info.num_classes, "shape": list(splits.info.shape), "source": source,
+        "params_hash": cfg.section_hash("data", "teachers"), "metrics": metrics, "history": history,
+    }
+    save_artifact(Paths(root).teacher(role), model.state_dict(), sidecar)
+    log.info("teachers.%s: clean %.3f pgd %.3f (%.0fs)", role, metrics["clean_acc"], metrics["pgd_acc"], seconds)
+    return metrics
+
+
+def run(cfg: Config, root: Path = Path(".")) -> dict:
+    """The teachers stage: both experts, then ``metrics/teachers.json``."""
+    splits = datasets.load(cfg.data)
+    results = {role: prepare_teacher(cfg, role, splits, root) for role in ROLES}
+    write_json(Paths(root).metrics / "teachers.json", results)
+    return results

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet100")
 ARCHITECTURES = (
@@ -86,7 +86,7 @@ class Generator(Section):
 
 
 class Inversion(Section):
-    pool_size: int = Field(512, ge=1)  # DERD_inv: images optimised into the pool
+    pool_size: int = Field(512, ge=0)  # DERD_inv: images optimised into the pool (0 = no pool)
     batch_size: int = Field(128, ge=1)
     steps: int = Field(200, ge=1)
     lr: float = Field(0.05, gt=0)
@@ -94,6 +94,7 @@ class Inversion(Section):
 
 class Stage1(Section):
     generator: Generator = Generator()
+    robust_generator: bool = True  # also warm a generator up on the robust teacher (derd_no_tnat)
     iterations: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.01, gt=0)  # Adam
@@ -189,6 +190,15 @@ class Config(Section):
     eval: Eval = Eval()
     tracking: Tracking = Tracking()
 
+    @model_validator(mode="after")
+    def _stage1_provides_what_stage2_needs(self) -> Config:
+        methods = self.stage2.methods
+        if "derd_no_tnat" in methods and not self.stage1.robust_generator:
+            raise ValueError("stage1.robust_generator: must be true when stage2.methods includes derd_no_tnat")
+        if "derd_inv" in methods and self.stage1.inversion.pool_size == 0:
+            raise ValueError("stage1.inversion.pool_size: must be > 0 when stage2.methods includes derd_inv")
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named top-level sections (all of them when none given)."""
         data = self.model_dump(mode="json")
@@ -210,7 +220,9 @@ _MESSAGES = {
 
 
 def _describe(err: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    path = ".".join(str(p) for p in err["loc"])
+    if not path:  # cross-section rules name their key at the start of the message
+        return err["msg"].removeprefix("Value error, ")
     ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (err.get("ctx") or {}).items()}
     template = _MESSAGES.get(err["type"])
     if template:

@@ -43,12 +43,16 @@ class Paths:
         return self.teachers / f"{role}.pt"
 
     @property
-    def generator(self) -> Path:
-        return self.root / "artifacts" / "generator.pt"
+    def stage1(self) -> Path:
+        return self.root / "artifacts" / "stage1"
+
+    def generator(self, teacher_role: str = "natural") -> Path:
+        """The Stage-I generator warmed up on that teacher (robust: for derd_no_tnat)."""
+        return self.stage1 / f"generator_{teacher_role}.pt"
 
     @property
     def inversion_pool(self) -> Path:
-        return self.root / "artifacts" / "inversion_pool.pt"
+        return self.stage1 / "inversion_pool.pt"
 
     @property
     def students(self) -> Path:

@@ -54,6 +54,14 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write raw bytes (e.g. a PNG rendered in memory), atomically."""
+    path = Path(path)
+    with _atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def save_tensors(path: str | Path, tensors: Mapping[str, Any]) -> Path:
     """Save a (nested) dict of tensors/numbers atomically with ``torch.save``."""
     path = Path(path)
@@ -89,12 +97,13 @@ def load_tensors(path: str | Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text:
+        if "Unsupported global" in text:
             raise CheckpointError(
                 f"{path}: refusing to unpickle it: it holds Python objects (a full pickled model?), "
                 "not a plain state dict. Re-save it with torch.save(model.state_dict(), path)."
             ) from None
-        raise CheckpointError(f"{path}: corrupted or not a PyTorch checkpoint ({text.splitlines()[0]})") from None
+        reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupted or not a PyTorch checkpoint ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj

@@ -76,9 +76,9 @@ register_generator("dafl")(DAFLGenerator)
 register_generator("dcgan")(DCGANGenerator)
 
 
-def build_generator(arch: str, nz: int, shape: tuple[int, int, int]) -> nn.Module:
-    """A registered generator sized from the dataset's (C, H, W)."""
+def build_generator(arch: str, nz: int, shape: tuple[int, int, int], width: int | None = None) -> nn.Module:
+    """A registered generator sized from the dataset's (C, H, W); ``width`` None = the arch's default."""
     if arch not in _GENERATORS:
         raise KeyError(f"unknown generator {arch!r}; registered: {registered_generators()}")
     channels, height, _ = shape
-    return _GENERATORS[arch](nz, channels, height)
+    return _GENERATORS[arch](nz, channels, height, **({} if width is None else {"width": width}))

@@ -1,0 +1,328 @@
+"""Stage-I (METHOD.md "Stage-I"): warm the generator up against a frozen teacher with L_G^I,
+and build DERD_inv's inversion pool.
+
+Writes, under ``artifacts/stage1/``: ``generator_natural.pt`` (always), ``generator_robust.pt``
+(``stage1.robust_generator``: the same warm-up on the robust teacher, for derd_no_tnat) and
+``inversion_pool.pt`` (``stage1.inversion.pool_size > 0``), each with a JSON sidecar; plus
+``metrics/warmup.json`` (health and loss terms per artifact), ``plots/warmup.csv`` (every raw and
+weighted term per step, one ``artifact`` column) and ``plots/warmup_samples.png`` (one panel of
+samples per artifact, labelled with the teacher's class and confidence).
+Training resumes from ``artifacts/checkpoints/stage1_<artifact>.pt`` when the key matches.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _stdio
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as datasets
+from .config import Config
+from .health import generator_health, teacher_predictions
+from .inversion import optimise_batch
+from .io import (CheckpointError, check_finite, load_into, load_tensors, read_json, save_artifact, save_tensors,
+                 sidecar_path, write_bytes, write_json, write_text)
+from .losses import StageOneLoss
+from .models import build_generator
+from .runtime import Paths, log, progress, resolve_device, seed_everything
+from .teachers import load_teacher
+
+POOL = "inversion_pool"
+HEALTH_SEED_OFFSET = 10_000  # health samples use their own latent seed, the same for every artifact
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def params_hash(cfg: Config) -> str:
+    """Hash of every setting Stage-I depends on (the teachers' weights are hashed separately)."""
+    return cfg.section_hash("seed", "data", "teachers", "stage1")
+
+
+def lr_at(step: int, base_lr: float, total: int, schedule: str) -> float:
+    """Adam's learning rate at ``step``: constant, or cosine from ``base_lr`` to 0 over ``total`` steps."""
+    if schedule == "constant":
+        return base_lr
+    return 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
+
+
+class _Resume:
+    """A resume checkpoint keyed by params hash + teacher hash; a stale key is ignored (and overwritten)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = load_tensors(self.path)
+        if state.get("key") != self.key:
+            log.info("stage1: ignoring %s (written for other params or teachers)", self.path)
+            return None
+        return state
+
+    def save(self, **state) -> None:
+        save_tensors(self.path, {"key": self.key, **state})
+
+
+def _row(name: str, role: str, step: int, lr: float, terms: dict[str, float]) -> dict:
+    return {"artifact": name, "teacher_role": role, "step": step, "lr": lr, **terms}
+
+
+def _terms_of(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k not in ("artifact", "teacher_role", "step", "lr")}
+
+
+def _log_terms(name: str, step: int, terms: dict[str, float]) -> None:
+    raw = " ".join(f"{k}={terms[k]:.4g}" for k in StageOneLoss.TERMS)
+    weighted = " ".join(f"{k}={terms['w_' + k]:.3g}" for k in StageOneLoss.TERMS)
+    log.info("%s step %d: L_G^I=%.4f | raw %s | weighted %s", name, step, terms["total"], raw, weighted)
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, n: int, seed: int, batch_size: int = 256) -> torch.Tensor:
+    """``n`` samples G(z), z ~ N(0, I) from a seeded RNG, on the CPU (the generator's mode is kept)."""
+    device = next(generator.parameters()).device
+    rng = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        z = torch.randn(min(batch_size, n - i), generator.nz, generator=rng, device=device)
+        out.append(generator(z).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def pool_terms(loss_fn: StageOneLoss, images: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """L_G^I terms averaged over batches of fixed images (for final numbers of pools and generators)."""
+    device = next(loss_fn.teacher.parameters()).device
+    parts = [loss_fn(images[i : i + batch_size].to(device)).as_floats() for i in range(0, len(images), batch_size)]
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+
+
+def train_generator(cfg: Config, root: Path, role: str, device: torch.device, rows: list[dict]) -> dict:
+    """Warm a generator up on the ``role`` teacher with L_G^I; save it with its sidecar."""
+    s1, paths, info = cfg.stage1, Paths(root), datasets.info(cfg.data)
+    name = f"generator_{role}"
+    teacher = load_teacher(cfg, role, root, device)
+    teacher_hash = file_sha256(paths.teacher(role))
+    seed_everything(cfg.seed)
+    generator = build_generator(s1.generator.arch, s1.generator.nz, info.shape, s1.generator.width).to(device)
+    opt = torch.optim.Adam(generator.parameters(), lr=s1.lr)
+    z_rng = torch.Generator(device).manual_seed(cfg.seed)
+    resume = _Resume(paths.checkpoints / f"stage1_{name}.pt", f"{params_hash(cfg)}:{teacher_hash}")
+    own_rows: list[dict] = []
+    start = 0
+    if state := resume.load():
+        generator.load_state_dict(state["generator"])
+        opt.load_state_dict(state["optimizer"])
+        z_rng.set_state(state["z_rng"])
+        start, own_rows = state["step"], list(state["rows"])
+        log.info("%s: resuming at step %d from %s", name, start, resume.path)
+    began = time.monotonic()
+    generator.train()
+    with StageOneLoss.from_config(teacher, s1) as loss_fn:
+        for i in progress(s1.iterations - start, f"stage1[{name}]"):
+            step = start + i
+            lr = lr_at(step, s1.lr, s1.iterations, s1.schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            z = torch.randn(s1.batch_size, s1.generator.nz, generator=z_rng, device=device)
+            result = loss_fn(generator(z))
+            check_finite(result.total, f"{name} L_G^I", step)
+            opt.zero_grad(set_to_none=True)
+            result.total.backward()
+            opt.step()
+            terms = result.as_floats()
+            own_rows.append(_row(name, role, step, lr, terms))
+            if step % s1.log_every == 0 or step == s1.iterations - 1:
+                _log_terms(name, step, terms)
+            if (step + 1) % s1.checkpoint_every == 0 or step == s1.iterations - 1:
+                resume.save(step=step + 1, generator=generator.state_dict(), optimizer=opt.state_dict(),
+                            z_rng=z_rng.get_state(), rows=own_rows)
+        generator.eval()
+        images = sample(generator, s1.health_samples, cfg.seed + HEALTH_SEED_OFFSET, s1.batch_size)
+        final = pool_terms(loss_fn, images, s1.batch_size)
+    seconds = time.monotonic() - began
+    health = generator_health(teacher, images, info.num_classes, s1.collapse_threshold, s1.min_diversity)
+    _warn(name, health)
+    summary = {
+        "teacher_role": role, "teacher_sha256": teacher_hash, "steps": s1.iterations, "seconds": round(seconds, 2),
+        "initial_terms": _terms_of(own_rows[0]), "last_step_terms": _terms_of(own_rows[-1]),
+        "final_terms": final, "health": health,
+    }
+    sidecar = {
+        "kind": "generator", "arch": s1.generator.arch, "nz": s1.generator.nz, "width": s1.generator.width,
+        "shape": list(info.shape),
+        "dataset": info.name, "num_classes": info.num_classes, "params_hash": params_hash(cfg),
+        "lambdas": loss_fn.lambdas, "ie_log_base": s1.ie_log_base, **summary,
+    }
+    save_artifact(paths.generator(role), generator.state_dict(), sidecar)
+    rows.extend(own_rows)
+    return {**summary, "samples": images}
+
+
+def build_inversion_pool(cfg: Config, root: Path, device: torch.device, rows: list[dict]) -> dict:
+    """DERD_inv: optimise ``pool_size`` images against the natural teacher; save the pool."""
+    s1, inv, paths, info = cfg.stage1, cfg.stage1.inversion, Paths(root), datasets.info(cfg.data)
+    teacher = load_teacher(cfg, "natural", root, device)
+    teacher_hash = file_sha256(paths.teacher("natural"))
+    rng = torch.Generator(device).manual_seed(cfg.seed + 1)
+    resume = _Resume(paths.checkpoints / f"stage1_{POOL}.pt", f"{params_hash(cfg)}:{teacher_hash}")
+    sizes = [min(inv.batch_size, inv.pool_size - i) for i in range(0, inv.pool_size, inv.batch_size)]
+    batches: list[torch.Tensor] = []
+    own_rows: list[dict] = []
+    if state := resume.load():
+        batches = list(state["images"].split(sizes[: state["batches_done"]]))
+        own_rows = list(state["rows"])
+        rng.set_state(state["rng"])
+        log.info("%s: resuming after batch %d/%d", POOL, len(batches), len(sizes))
+    began = time.monotonic()
+    with StageOneLoss.from_config(teacher, s1) as loss_fn:
+        for b in progress(len(sizes) - len(batches), f"stage1[{POOL}]"):
+            index = len(batches)
+
+            def on_step(step: int, terms: dict[str, float], index: int = index) -> None:
+                global_step = index * inv.steps + step
+                own_rows.append(_row(POOL, "natural", global_step, inv.lr, terms))
+                if step % s1.log_every == 0 or step == inv.steps - 1:
+                    _log_terms(f"{POOL}[batch {index}]", step, terms)
+
+            batches.append(optimise_batch(loss_fn, (sizes[index], *info.shape), inv.steps, inv.lr, rng, on_step).cpu())
+            if len(batches) % s1.checkpoint_every == 0 or len(batches) == len(sizes):
+                resume.save(images=torch.cat(batches), batches_done=len(batches), rng=rng.get_state(), rows=own_rows)
+        images = torch.cat(batches)
+        final = pool_terms(loss_fn, images, inv.batch_size)
+    seconds = time.monotonic() - began
+    health = generator_health(teacher, images, info.num_classes, s1.collapse_threshold, s1.min_diversity)
+    _warn(POOL, health)
+    first = [r for r in own_rows if r["step"] % inv.steps == 0]
+    initial = {k: sum(r[k] for r in first) / len(first) for k in final} if first else {}
+    summary = {
+        "teacher_role": "natural", "teacher_sha256": teacher_hash, "steps": inv.steps, "batches": len(sizes),
+        "seconds": round(seconds, 2), "initial_terms": initial, "final_terms": final, "health": health,
+    }
+    sidecar = {
+        "kind": "inversion_pool", "pool_size": inv.pool_size, "shape": list(info.shape), "dataset": info.name,
+        "num_classes": info.num_classes, "params_hash": params_hash(cfg), "lambdas": loss_fn.lambdas, **summary,
+    }
+    save_artifact(paths.inversion_pool, {"images": images}, sidecar)
+    rows.extend(own_rows)
+    return {**summary, "samples": images}
+
+
+def _warn(name: str, health: dict) -> None:
+    log.info("%s: class histogram %s, balance %.3f, mean confidence %.3f, diversity %.4f", name,
+             health["class_histogram"], health["balance"], health["mean_confidence"], health["diversity"])
+    for w in health["warnings"]:
+        log.warning("%s: COLLAPSE WARNING: %s", name, w)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Per-step rows (columns: the union of their keys, first-seen order) as CSV, atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = _stdio.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_sample_grid(path: Path, panels: dict[str, torch.Tensor], teacher_probs: dict[str, torch.Tensor],
+                     per_panel: int = 40, columns: int = 10, cell: int = 48) -> None:
+    """One panel per artifact: ``per_panel`` samples sorted by the teacher's class, each labelled
+    "class confidence" underneath (the supplementary's Fig. 2 shows such samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    band, pad = 12, 2  # label band under each cell, gap between cells (pixels)
+    rows = math.ceil(per_panel / columns)
+    height = rows * (cell + band + pad)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(columns * (cell + pad) / 80, len(panels) * (height / 80 + 0.3)),
+                             squeeze=False)
+    for ax, (name, images) in zip(axes[:, 0], panels.items()):
+        conf, cls = teacher_probs[name][:per_panel].max(1)
+        order = torch.argsort(cls * 2 - conf, stable=True)  # by class, most confident first
+        x = images[:per_panel][order].float()
+        mode = "nearest" if x.shape[-1] < cell else "bilinear"
+        x = F.interpolate(x, size=(cell, cell), mode=mode).clamp(0, 1).expand(-1, 3, -1, -1)
+        canvas = torch.ones(3, height, columns * (cell + pad))
+        for i in range(len(x)):
+            r, c = divmod(i, columns)
+            top, left = r * (cell + band + pad), c * (cell + pad)
+            canvas[:, top : top + cell, left : left + cell] = x[i]
+            ax.text(left + cell / 2, top + cell + band / 2, f"{int(cls[order[i]])}  {conf[order[i]]:.2f}",
+                    fontsize=6, ha="center", va="center")
+        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"{name} (label: teacher class, confidence)", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    buf = _stdio.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def run(cfg: Config, root: Path = Path(".")) -> dict:
+    """The warmup stage: generator(s), the inversion pool, metrics, per-step CSV and the sample grid."""
+    device = resolve_device(cfg.device)
+    paths = Paths(root)
+    began = time.monotonic()
+    rows: list[dict] = []
+    results: dict[str, dict] = {}
+    for role in ("natural", "robust") if cfg.stage1.robust_generator else ("natural",):
+        results[f"generator_{role}"] = train_generator(cfg, root, role, device, rows)
+    if cfg.stage1.inversion.pool_size > 0:
+        results[POOL] = build_inversion_pool(cfg, root, device, rows)
+    samples = {name: r.pop("samples") for name, r in results.items()}
+    probs = {}
+    for name, r in results.items():
+        teacher = load_teacher(cfg, r["teacher_role"], root, device)
+        probs[name] = teacher_predictions(teacher, samples[name][:40])
+    write_csv(paths.plots / "warmup.csv", rows)
+    save_sample_grid(paths.plots / "warmup_samples.png", samples, probs)
+    metrics = {**results, "seconds_total": round(time.monotonic() - began, 2), "params_hash": params_hash(cfg)}
+    write_json(paths.metrics / "warmup.json", metrics)
+    return metrics
+
+
+def load_generator(cfg: Config, root: Path = Path("."), teacher_role: str = "natural",
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """The Stage-I generator warmed up on ``teacher_role``'s teacher, in eval mode, checked against the config."""
+    path = Paths(root).generator(teacher_role)
+    if not sidecar_path(path).is_file():
+        raise CheckpointError(f"{path}: no Stage-I generator for the {teacher_role} teacher; run `derd warmup`"
+                              + (" with stage1.robust_generator: true" if teacher_role == "robust" else ""))
+    meta, g, info = read_json(sidecar_path(path)), cfg.stage1.generator, datasets.info(cfg.data)
+    want = {"arch": g.arch, "nz": g.nz, "width": g.width, "shape": list(info.shape)}
+    have = {k: meta.get(k) for k in want}
+    if have != want:
+        raise CheckpointError(f"{path}: built with {have}, but params say stage1.generator/data give {want}; "
+                              "rerun `derd warmup`")
+    generator = build_generator(g.arch, g.nz, info.shape, g.width)
+    load_into(generator, path)
+    return generator.to(device).eval()
+
+
+def load_inversion_pool(root: Path = Path(".")) -> torch.Tensor:
+    """DERD_inv's pool (N×C×H×W in [0,1]) written by the warmup stage."""
+    path = Paths(root).inversion_pool
+    state = load_tensors(path)
+    images = state.get("images")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise CheckpointError(f"{path}: expected {{'images': N×C×H×W tensor}}; rerun `derd warmup`")
+    if images.min() < 0 or images.max() > 1:
+        raise CheckpointError(f"{path}: pool values outside [0,1]; rerun `derd warmup`")
+    return images

@@ -1,0 +1,198 @@
+"""Stage-I loss terms (METHOD.md "Stage-I"): golden values, hand-computed values, L_BN and its hooks."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from stage1_helpers import tiny_teacher
+
+from derd import config
+from derd.losses import (BNStatistics, StageOneLoss, activation_loss, bn_distance, information_entropy_loss,
+                         kd_kl, l1_discrepancy, one_hot_loss)
+
+GOLDEN = Path(__file__).parent / "golden" / "stage1_losses.json"
+LAMBDAS = {"oh": 0.05, "ie": 5.0, "bn": 1e-5, "a": 0.01}
+
+
+def _softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _batch() -> torch.Tensor:
+    return torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _bn_layers(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) for m in _bn_layers(model))
+
+
+# ------------------------------------------------------------------ hand-computed, 3 classes
+def test_one_hot_and_entropy_by_hand():
+    rows = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    p1, p2 = _softmax(rows[0]), _softmax(rows[1])
+    expected_oh = (-math.log(p1[0]) - math.log(p2[1])) / 2  # = 0.395495
+    mean_p = [(a + b) / 2 for a, b in zip(p1, p2)]
+    expected_ie = sum(p * math.log(p) for p in mean_p)  # = -1.006199
+    logits = torch.tensor(rows, dtype=torch.float64)
+    assert one_hot_loss(logits).item() == pytest.approx(expected_oh, abs=1e-10)
+    assert one_hot_loss(logits).item() == pytest.approx(0.3954947, abs=1e-6)
+    assert information_entropy_loss(logits).item() == pytest.approx(expected_ie, abs=1e-10)
+    assert information_entropy_loss(logits).item() == pytest.approx(-1.0061993, abs=1e-6)
+    assert information_entropy_loss(logits, "10").item() == pytest.approx(expected_ie / math.log(10), abs=1e-10)
+
+
+def test_entropy_is_minimal_for_balanced_batches_and_rejects_unknown_bases():
+    balanced = torch.eye(3) * 50  # each class predicted once, confidently
+    assert information_entropy_loss(balanced).item() == pytest.approx(-math.log(3), abs=1e-6)
+    assert information_entropy_loss(torch.zeros(4, 3) + torch.tensor([9.0, 0, 0])).item() > -0.01
+    with pytest.raises(ValueError, match="ie_log_base"):
+        information_entropy_loss(balanced, "2")
+
+
+def test_activation_loss_by_hand():
+    assert activation_loss(torch.tensor([[1.0, -2.0], [3.0, 0.0]])).item() == pytest.approx(-1.5)
+
+
+def test_kd_terms():
+    t, s = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    pt = _softmax([1.0, 0.0])
+    ps = _softmax([0.0, 1.0])
+    assert kd_kl(t, s).item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(pt, ps)), abs=1e-6)
+    assert kd_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert l1_discrepancy(t, s).item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ golden values, seeded tiny teacher
+def _terms() -> dict[str, float]:
+    teacher = tiny_teacher()
+    with StageOneLoss(teacher, LAMBDAS) as loss_fn:
+        return loss_fn(_batch()).as_floats()
+
+
+def test_stage_one_terms_match_golden_values():
+    terms = _terms()
+    if os.environ.get("DERD_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(terms, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"regenerated {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    assert set(terms) == set(golden)
+    for key, value in golden.items():
+        assert terms[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_l_bn_matches_an_independent_layer_by_layer_computation():
+    teacher = tiny_teacher()
+    x = _batch()
+    expected = 0.0
+    h = teacher.normalize(x)
+    for block in teacher.net.body[:3]:
+        conv, bn, relu = block
+        c = conv(h)
+        mean = c.mean(dim=(0, 2, 3))
+        var = ((c - mean.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))  # biased
+        expected += ((mean - bn.running_mean) ** 2).sum().sqrt() + ((var - bn.running_var) ** 2).sum().sqrt()
+        h = relu(bn(c))
+    with StageOneLoss(teacher, LAMBDAS) as loss_fn:
+        assert loss_fn(x).raw["bn"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_weighted_sum_of_named_terms_and_config_weights():
+    cfg = config.parse({"stage1": {"lambda_oh": 0.5, "lambda_ie": 20, "lambda_bn": 1e-5, "lambda_a": 0.1}})
+    teacher = tiny_teacher()
+    x = _batch().requires_grad_(True)
+    with StageOneLoss.from_config(teacher, cfg.stage1) as loss_fn:
+        result = loss_fn(x)
+    assert loss_fn.lambdas == {"oh": 0.5, "ie": 20, "bn": 1e-5, "a": 0.1}
+    for k in StageOneLoss.TERMS:
+        assert result.weighted[k].item() == pytest.approx(loss_fn.lambdas[k] * result.raw[k].item(), rel=1e-6)
+    assert result.total.item() == pytest.approx(sum(v.item() for v in result.weighted.values()), rel=1e-6)
+    result.total.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert result.logits.shape == (6, 3)
+
+
+# ------------------------------------------------------------------ L_BN: zero at the running statistics
+def _calibrate_running_stats(model, x):
+    """Set every BN layer's running statistics to the biased batch statistics of its input on ``x``
+    (layer by layer in forward order: in eval mode each layer changes the inputs of the next)."""
+    for bn in _bn_layers(model):
+        seen = {}
+
+        def grab(_module, inputs, _output):
+            seen["x"] = inputs[0].detach()
+
+        handle = bn.register_forward_hook(grab)
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        bn.running_mean.copy_(seen["x"].mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(seen["x"].var(dim=(0, 2, 3), unbiased=False))
+
+
+def test_l_bn_is_zero_at_the_running_statistics_and_positive_otherwise():
+    teacher, x = tiny_teacher(), _batch()
+    _calibrate_running_stats(teacher, x)
+    with StageOneLoss(teacher, LAMBDAS) as loss_fn:
+        assert loss_fn(x).raw["bn"].item() == pytest.approx(0.0, abs=1e-5)
+        assert loss_fn(x * 0.5 + 0.25).raw["bn"].item() > 0.1
+
+
+def test_bn_distance_is_the_sum_of_unsquared_norms():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    x = torch.randn(5, 3, 4, 4)
+    bn.running_mean.copy_(x.mean(dim=(0, 2, 3)) + torch.tensor([3.0, 0.0, 4.0]))  # ‖δμ‖ = 5
+    bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False) + torch.tensor([0.0, 1.0, 0.0]))  # ‖δσ²‖ = 1
+    assert bn_distance(x, bn).item() == pytest.approx(6.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------ hooks
+def test_hooks_are_removed_on_close_and_on_error():
+    teacher = tiny_teacher()
+    assert _hook_count(teacher) == 0
+    with StageOneLoss(teacher, LAMBDAS) as loss_fn:
+        assert loss_fn.bn.n_hooks == len(_bn_layers(teacher)) == 3
+        assert _hook_count(teacher) == 3
+    assert _hook_count(teacher) == 0
+    with pytest.raises(ZeroDivisionError):
+        with StageOneLoss(teacher, LAMBDAS):
+            1 / 0
+    assert _hook_count(teacher) == 0
+
+
+def test_hooks_record_only_inside_the_loss():
+    teacher = tiny_teacher()
+    stats = BNStatistics(teacher)
+    teacher(_batch())  # e.g. Stage-II's KD targets through the same teacher
+    assert stats.distances == []
+    with stats.recording():
+        teacher(_batch())
+    assert len(stats.distances) == 3
+    teacher(_batch())
+    assert len(stats.distances) == 3
+    stats.close()
+    assert _hook_count(teacher) == 0
+
+
+def test_bad_inputs_are_refused_clearly():
+    teacher = tiny_teacher()
+    with pytest.raises(KeyError, match="unknown Stage-I terms"):
+        StageOneLoss(teacher, {"bn": 1.0, "tv": 1.0})
+    with pytest.raises(ValueError, match="ie_log_base"):
+        StageOneLoss(teacher, LAMBDAS, log_base="2")
+    assert _hook_count(teacher) == 0
+    with StageOneLoss(teacher, LAMBDAS) as loss_fn:
+        teacher.train()
+        with pytest.raises(RuntimeError, match="eval mode"):
+            loss_fn(_batch())
+    no_bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        StageOneLoss(no_bn, LAMBDAS)

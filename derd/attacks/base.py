@@ -48,3 +48,20 @@ class Attack:
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with eval_mode(model):
+        return (model(x).argmax(1) == y.to(x.device)).cpu()
+
+
+def robust_flags(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Per-example booleans: is ``model`` still correct on ``attack(x)`` (on ``x`` when attack is None)?"""
+    device = model_device(model)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        out.append(_correct(model, attack(xb, yb) if attack is not None else xb, yb))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)

@@ -9,10 +9,15 @@ from .pgd import PGD
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
-    """Per-example CW margin: clamp(max_{j≠y} z_j − z_y, min=−κ) (ascending it fools the model)."""
+    """Per-example CW margin to ascend: min(max_{j≠y} z_j − z_y, κ).
+
+    The negation of CW's f(x') = max(z_y − max_{j≠y} z_j, −κ): the gradient pushes the best wrong class
+    past the true one and stops once it leads by the confidence κ (never before: a confident correct
+    prediction still gets a gradient).
+    """
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return torch.clamp(others - true, min=-kappa)
+    return torch.clamp(others - true, max=kappa)
 
 
 class CW(PGD):

@@ -1,0 +1,158 @@
+"""Evaluation stage: sanity checks catch a gradient-masked model and pass an honest one; the stage
+writes the table, flags and eps-curves; it resumes from per-example flags; bad inputs fail clearly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from derd import config, evaluate
+from derd.attacks import robust_flags
+from derd.attacks.autoattack import AutoAttack
+from derd.eps_curve import eps_curve
+from derd.eval_store import FlagStore
+from derd.io import CheckpointError, save_artifact
+from derd.sanity import CHECKS, run_checks
+from eval_models import EPS, Quantised, eval_batch, tiny_model
+
+N = 48
+EVAL = {
+    "eps": EPS, "n_examples": N, "batch_size": 64,
+    "pgd_s": {"steps": 10, "step_size": EPS / 4}, "pgd_t": {"steps": 10, "step_size": EPS / 5},
+    "cw": {"steps": 10, "step_size": EPS / 4},
+    "autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t"]},
+    "sanity": {"n_examples": N, "tolerance": 0.07, "square_queries": 300},
+}
+
+
+def _cfg(**eval_overrides) -> config.Config:
+    return config.parse({
+        "device": "cpu", "data": {"image_size": 16},
+        "teachers": {"natural": {"arch": "small_cnn", "width": 8}, "robust": {"arch": "small_cnn", "width": 8}},
+        "stage2": {"student": {"arch": "small_cnn", "width": 8}},
+        "eval": {**EVAL, **eval_overrides},
+    })
+
+
+def _checks(model, tmp_path) -> tuple[dict, dict]:
+    ev = _cfg().eval
+    x, y = eval_batch(N)
+    store = FlagStore(tmp_path / "flags.json", "key", list(range(N)))
+    flags = {c: robust_flags(model, a, x, y) for c, a in evaluate.white_box(ev, model, 0).items()}
+    aa = AutoAttack(model, EPS, "custom", ["apgd-ce", "apgd-t"], seed=0).run(x, y)
+    flags["AA"] = aa.robust
+    curve = eps_curve(model, x, y, ev, 0, store, {0.0: flags["Clean"], 1.0: flags["PGD_S"]})
+    return run_checks(model, x, y, flags, [p["accuracy"] for p in curve], ev, 10, 0, store, aa.warnings)
+
+
+@pytest.mark.parametrize("kind", ["natural", "robust"])
+def test_honest_model_trips_no_check(kind, tmp_path):
+    passed, details = _checks(tiny_model(kind), tmp_path)
+    assert set(passed) == set(CHECKS)
+    assert all(passed.values()), details
+
+
+def test_gradient_masked_model_trips_checks(tmp_path):
+    passed, details = _checks(Quantised(tiny_model("robust")), tmp_path)
+    failed = [c for c, ok in passed.items() if not ok]
+    assert failed, details
+    # the black-box attack sees through the zero gradients; AutoAttack's own zero-gradient warning surfaces
+    assert "square_not_stronger" in failed and "aa_warnings" in failed, details
+
+
+def _project(tmp_path, students=("derd-seed0",)):
+    save_artifact(tmp_path / "artifacts/teachers/natural.pt", tiny_model("natural").state_dict(),
+                  {"arch": "small_cnn", "num_classes": 10})
+    save_artifact(tmp_path / "artifacts/teachers/robust.pt", tiny_model("robust").state_dict(),
+                  {"arch": "small_cnn", "num_classes": 10})
+    for i, name in enumerate(students):
+        save_artifact(tmp_path / f"artifacts/students/{name}.pt", tiny_model("robust").state_dict(),
+                      {"arch": "small_cnn", "width": 8, "method": name.split("-")[0], "seed": i})
+
+
+def test_stage_writes_table_flags_curves_and_resumes(tmp_path, monkeypatch):
+    _project(tmp_path)
+    cfg = _cfg(sanity={"n_examples": 16, "square_queries": 50}, autoattack={"version": "custom",
+                                                                           "attacks": ["apgd-ce"], "n_examples": 32})
+    result = evaluate.run(cfg, tmp_path)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["Nature", "SAT", "derd-seed0"]
+    assert result["units"] == "percent" and result["autoattack"]["package"] in ("pyautoattack", "autoattack")
+    for r in rows.values():
+        values = [r[c] for c in evaluate.COLUMNS]
+        assert r["Ave"] == pytest.approx(sum(values) / 6, abs=0.01)
+        assert r["Clean"] >= r["PGD_S"] and all(0 <= v <= 100 for v in values)
+        assert set(r["runtime_s"]) >= set(evaluate.COLUMNS) and set(r["sanity"]) == set(CHECKS)
+        assert r["n"] == N and r["n_aa"] == 32 and isinstance(r["suspect"], bool)
+    assert rows["derd-seed0"]["method"] == "derd" and rows["derd-seed0"]["seed"] == 0
+    assert rows["Nature"]["PGD_S"] < rows["SAT"]["PGD_S"]
+    flags = json.loads((tmp_path / "metrics/eval_flags/SAT.json").read_text())
+    assert len(flags["entries"]["PGD_S"]["flags"]) == N and len(flags["entries"]["AA"]["flags"]) == 32
+    assert 100 * sum(flags["entries"]["PGD_S"]["flags"]) / N == pytest.approx(rows["SAT"]["PGD_S"], abs=0.01)
+    table = (tmp_path / "metrics/eval_table.md").read_text()
+    assert "| Nature |" in table and "| SAT |" in table and "| derd-seed0 |" in table and "Ave" in table
+    curve = (tmp_path / "plots/eps_curve.csv").read_text().splitlines()
+    assert curve[0] == "model,multiple,eps,accuracy" and len(curve) == 1 + 3 * 5
+    assert (tmp_path / "plots/eps_curve.png").stat().st_size > 1000
+
+    # a rerun recomputes nothing: every attack's flags come from metrics/eval_flags
+    def boom(*a, **k):
+        raise AssertionError("an attack ran again")
+
+    monkeypatch.setattr(evaluate, "robust_flags", boom)
+    monkeypatch.setattr(AutoAttack, "run", boom)
+    assert evaluate.run(cfg, tmp_path)["rows"] == result["rows"]
+
+
+def test_interrupted_stage_resumes_to_same_rows(tmp_path, monkeypatch):
+    _project(tmp_path, students=())
+    cfg = _cfg(sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"]})
+    reference = evaluate.run(cfg, tmp_path)["rows"]
+    for f in (tmp_path / "metrics/eval_flags").glob("SAT*"):
+        f.unlink()  # SAT "never finished"
+    calls = []
+    real = evaluate.robust_flags
+
+    def counting(model, attack, *a, **k):
+        calls.append(type(attack).__name__)
+        return real(model, attack, *a, **k)
+
+    monkeypatch.setattr(evaluate, "robust_flags", counting)
+    assert _numbers(evaluate.run(cfg, tmp_path)["rows"]) == _numbers(reference)
+    assert len(calls) == 5, "only SAT's five white-box columns run again"
+
+
+def _numbers(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("runtime_s", "autoattack")} | {"aa": r["autoattack"]["accuracy_after"]}
+            for r in rows]
+
+
+def test_changed_setting_reruns_only_that_attack(tmp_path):
+    store = FlagStore(tmp_path / "f.json", "k", [0, 1])
+    runs = []
+
+    def attack():
+        runs.append(1)
+        return torch.tensor([True, False])
+
+    store.run("PGD_S", {"steps": 20}, attack)
+    store.run("FGSM", {}, attack)
+    FlagStore(tmp_path / "f.json", "k", [0, 1]).run("PGD_S", {"steps": 20}, attack)
+    assert len(runs) == 2
+    FlagStore(tmp_path / "f.json", "k", [0, 1]).run("PGD_S", {"steps": 40}, attack)
+    FlagStore(tmp_path / "f.json", "other-model", [0, 1]).run("FGSM", {}, attack)
+    assert len(runs) == 4
+
+
+def test_student_without_sidecar_is_a_clear_error(tmp_path):
+    _project(tmp_path, students=())
+    (tmp_path / "artifacts/students").mkdir(parents=True)
+    torch.save(tiny_model("robust").state_dict(), tmp_path / "artifacts/students/orphan.pt")
+    with pytest.raises(CheckpointError, match="orphan.*sidecar"):
+        evaluate.run(_cfg(), tmp_path)
+
+
+def test_unknown_autoattack_attack_is_a_config_error():
+    with pytest.raises(config.ConfigError, match="eval.autoattack.attacks"):
+        _cfg(autoattack={"version": "custom", "attacks": ["apgd-xx"]})

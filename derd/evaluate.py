@@ -196,6 +196,7 @@ def run(cfg: Config, root: Path = Path("."),
         "autoattack": {"package": package, "version": package_version, "aa_version": ev.autoattack.version,
                        "n_examples": n_aa},
         "sanity_checks": list(CHECKS), "rows": rows,
+        "table": {r["model"]: {c: r[c] for c in (*COLUMNS, AVE)} for r in rows},  # flat, for `dvc metrics show`
     }
     write_json(paths.metrics / "eval.json", result)
     write_text(paths.metrics / "eval_table.md", markdown_table(rows, ev, aa_note))

@@ -6,6 +6,7 @@ Outputs ``artifacts/teachers/{natural,robust}.pt`` with JSON sidecars and ``metr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,9 +153,10 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
     return metrics
 
 
-def run(cfg: Config, root: Path = Path(".")) -> dict:
-    """The teachers stage: both experts, then ``metrics/teachers.json``."""
+def run(cfg: Config, root: Path = Path("."), prepare: Callable[..., dict] = prepare_teacher) -> dict:
+    """The teachers stage: both experts (each by ``prepare``, e.g. a pipeline task wrapping
+    :func:`prepare_teacher`), then ``metrics/teachers.json``."""
     splits = datasets.load(cfg.data)
-    results = {role: prepare_teacher(cfg, role, splits, root) for role in ROLES}
+    results = {role: prepare(cfg, role, splits, root) for role in ROLES}
     write_json(Paths(root).metrics / "teachers.json", results)
     return results

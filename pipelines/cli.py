@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -17,10 +19,22 @@ STAGES = {
     "pipeline": "the whole DAG (teachers -> warmup -> distill -> evaluate -> report) as one flow",
 }
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+EPILOG = """\
+usual entry points:
+  dvc repro                 run the stages that are out of date (each is `derd <stage>`)
+  dvc exp run --temp -S stage2.lambda_rob=1     one experiment, Stage-I reused from the cache
+  derd ui                   browse the MLflow runs at http://127.0.0.1:5000
+
+Each stage command is a Prefect flow. With no PREFECT_API_URL it starts a temporary server
+(about 10-15 s per command); with `prefect server start` running and
+PREFECT_API_URL=http://127.0.0.1:4200/api set, runs also show in the Prefect UI.
+Exit status: 0 ok, 2 bad params/checkpoint/data/missing input, 3 a loss became NaN/inf."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="derd", description="DERD: data-free experts-guided robustness distillation")
+    p = argparse.ArgumentParser(
+        prog="derd", description="DERD: data-free experts-guided robustness distillation",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGES.items():
         s = sub.add_parser(name, help=text, description=text)
@@ -53,22 +67,74 @@ def _preset(name: str, params: str) -> int:
     return 0
 
 
+def prefect_environment(root: str | Path) -> None:
+    """Defaults for Prefect (set before it is imported; a user's own settings win): no telemetry (there
+    may be no network), a patient temporary server (the default 20 s startup fails on slow machines),
+    PREFECT_HOME in the project, and the library's ``derd`` log lines shipped to the Prefect UI."""
+    defaults = {
+        "PREFECT_HOME": str(Path(root).resolve() / ".prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "derd",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _where(args: argparse.Namespace) -> None:
+    """After a full run: where the report is and how to see the runs."""
+    from derd import config
+
+    from . import tracking
+
+    reports = Path(args.root).resolve() / "reports"
+    uri = tracking.tracking_uri(config.load(args.params), args.root)
+    print(f"\nReport: {reports / 'report.html'} (open it in a browser; Markdown: {reports / 'report.md'})")
+    print(f"MLflow: run `derd ui` and open http://127.0.0.1:5000 (store {uri})")
+
+
+def _run_name(record: logging.LogRecord) -> bool:
+    """Name Prefect's flow/task run in each log line (``[train_student[derd-seed0]-a1b]``)."""
+    name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+    record.run = f" [{name}]" if name else ""
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s%(run)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_run_name)
+    for chatty in ("httpx", "httpcore", "alembic"):  # one line per API call / migration otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from derd.config import ConfigError
     from derd.data import DataError
     from derd.io import CheckpointError
+    from derd.report import ReportError
 
+    # SIGTERM (a killed `dvc repro`, CI timeouts) unwinds like Ctrl-C: Prefect stops its temporary server,
+    # `derd ui` its MLflow process group
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if args.command == "preset":
             return _preset(args.name, args.params)
-        flows = importlib.import_module("pipelines.flows")
         if args.command == "ui":
-            return flows.ui(Path(args.root), args.params, args.port)
+            from derd import config
+
+            from . import tracking
+
+            return tracking.ui(config.load(args.params), args.root, args.port)
+        from derd import config
+
+        config.load(args.params)  # a bad params file fails here, before Prefect starts
+        prefect_environment(args.root)
+        flows = importlib.import_module("pipelines.flows")
         getattr(flows, f"{args.command}_flow")(params=args.params, root=args.root)
+        if args.command in ("report", "pipeline"):
+            _where(args)
         return 0
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, ReportError) as exc:
         print(f"derd {args.command}: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

@@ -1,12 +1,151 @@
-"""Stage entry points (placeholder until the Prefect flows land: each calls its library stage)."""
+"""Prefect flows: one per DVC stage, each a thin call of its library stage, and ``pipeline``, the whole DAG.
+
+Tasks take configs and paths (evaluate's per-model task takes the model and test batch the library
+hands it). Training and attacks never retry (a retry would hide a bug or a NaN); the I/O around them
+does: fetching the dataset (downloads) and MLflow logging (a SQLite store shared by parallel
+``dvc queue`` workers can be briefly locked). Tasks run one after the other inside a flow: training
+seeds torch's global generator, so concurrent tasks would not be reproducible.
+Each stage flow logs its MLflow child run (``pipelines.tracking``) after the stage's files are
+written; a tracking failure is reported and leaves those files intact.
+"""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from derd import config
+from derd import data as datasets
+from derd.config import Config
+from derd.runtime import log
+
+from . import tracking
+
+# DVC decides what reruns; Prefect's own result cache stays off so it never skips work DVC asked for.
+stage_task = task(cache_policy=NO_CACHE, persist_result=False)
 
 
-def teachers_flow(params: str = "params.yaml", root: str = ".") -> dict:
+@task(cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=10)
+def fetch_data(cfg: Config) -> str:
+    """Make sure the dataset is readable (downloading it when ``data.download``); I/O, so it retries."""
+    return datasets.load(cfg.data).info.name
+
+
+@stage_task
+def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path) -> dict:
     from derd import teachers
 
-    return teachers.run(config.load(params), Path(root))
+    return teachers.prepare_teacher(cfg, role, splits, root)
+
+
+@stage_task
+def warmup(cfg: Config, root: Path) -> dict:
+    from derd import warmup as stage1
+
+    return stage1.run(cfg, root)
+
+
+@stage_task(task_run_name="train_student[{method}-seed{seed}]")
+def train_student(cfg: Config, method: str, seed: int, root: Path) -> dict:
+    from derd import distill
+
+    return distill.train_student(cfg, method, seed, root)
+
+
+@stage_task(task_run_name="evaluate[{item.name}]")
+def evaluate_model(item, x, y, cfg: Config, flags_dir: Path, num_classes: int) -> tuple[dict, list[dict]]:
+    """Every attack of the table on one model (its flags are saved per attack, so a rerun resumes)."""
+    from derd import evaluate as evaluation
+
+    return evaluation.evaluate_model(item, x, y, cfg, flags_dir, num_classes)
+
+
+@stage_task
+def report(cfg: Config, root: Path) -> dict:
+    from derd import report as reporting
+
+    return reporting.run(cfg, root)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
+def track(cfg: Config, root: Path, stage: str, result: Mapping[str, Any], seconds: float,
+          final_metrics: Mapping[str, float] | None = None) -> dict:
+    return tracking.log_stage(cfg, root, stage, result, seconds, final_metrics)
+
+
+def _tracked(stage: str, params: str, root: str, body: Callable[[Config, Path], dict],
+             final_metrics: Callable[[Path], Mapping[str, float]] | None = None) -> dict:
+    """Load the config, run ``body``, then log the MLflow child run and stamp its id into the outputs."""
+    cfg, where = config.load(params), Path(root)
+    start = time.monotonic()
+    try:
+        result = body(cfg, where)
+    except Exception as exc:
+        tracking.log_failure(cfg, where, stage, exc)
+        raise
+    seconds = time.monotonic() - start
+    try:
+        record = track(cfg, where, stage, result, seconds, final_metrics(where) if final_metrics else None)
+    except tracking.TrackingError as exc:
+        log.error("%s. The stage's outputs are complete and kept; fix the store (or set tracking.enabled: false) "
+                  "and the next run of the stage records normally.", exc)
+        record = {"stage": stage, "mlflow_run_id": None, "tracking_error": str(exc), "seconds": round(seconds, 3)}
+    tracking.stamp(stage, where, record)
+    return result
+
+
+@flow(name="teachers", log_prints=True)
+def teachers_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """Load or train the natural and the robust teacher, one task each."""
+    from derd import teachers
+
+    def body(cfg: Config, where: Path) -> dict:
+        fetch_data(cfg)
+        return teachers.run(cfg, where, prepare=prepare_teacher)
+
+    return _tracked("teachers", params, root, body)
+
+
+@flow(name="warmup", log_prints=True)
+def warmup_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """Stage-I: the generator(s) and the DERD_inv pool."""
+    return _tracked("warmup", params, root, warmup)
+
+
+@flow(name="distill", log_prints=True)
+def distill_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """Stage-II: one task per (method, seed) of stage2.methods × stage2.seeds."""
+    from derd import distill
+
+    return _tracked("distill", params, root, lambda cfg, where: distill.run(cfg, where, train=train_student))
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """The robustness table, sanity checks and ε-curves, one task per model; the table's numbers also go
+    to the parent run."""
+    from derd import evaluate
+    from derd.report import table_metrics
+
+    return _tracked("evaluate", params, root, lambda cfg, where: evaluate.run(cfg, where, evaluate_one=evaluate_model),
+                    final_metrics=table_metrics)
+
+
+@flow(name="report", log_prints=True)
+def report_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """reports/report.html and reports/report.md."""
+    return _tracked("report", params, root, report)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(params: str = "params.yaml", root: str = ".") -> dict:
+    """The whole DAG as one flow (for Prefect deployments; DVC runs the stage flows one by one)."""
+    return {name: stage_flow(params=params, root=root) for name, stage_flow in FLOWS.items()}
+
+
+FLOWS = {"teachers": teachers_flow, "warmup": warmup_flow, "distill": distill_flow, "evaluate": evaluate_flow,
+         "report": report_flow}

@@ -1,0 +1,305 @@
+"""The report stage: ``reports/report.html`` (self-contained, images embedded) and ``reports/report.md``.
+
+Contents: the comparison table in the paper's layout (Clean, FGSM, PGD_S, PGD_T, CW, AA, Ave, in
+percent; the ``Nature``/``SAT`` reference rows, then one row per method, mean ± sample std over
+seeds), the sanity-check flags, ε-curves, training curves (Stage-I terms, Stage-II losses), the
+generated-sample grid, the reconstructed choices of METHOD.md that ran, the configuration and the
+environment (versions, AutoAttack package, seed, device, git commit). Figures rendered here go to
+``reports/figures/``; the HTML embeds every image as a data URI.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import Config
+from .io import read_json, versions, write_bytes, write_text
+from .runtime import Paths, resolve_device
+
+COLUMNS = ("Clean", "FGSM", "PGD_S", "PGD_T", "CW", "AA", "Ave")
+# The supplementary's row order and labels (Table 1); methods not listed follow in config order.
+METHOD_LABELS = {"dafl": "DAFL", "dfad": "DFAD", "zskt": "ZSKT", "cmi": "CMI", "dfard": "DFARD-style",
+                 "derd_inv": "DERD_inv", "derd_no_tnat": "w/o T_nat", "derd": "DERD"}
+# Reconstructed [R] choices of METHOD.md that are configuration keys (the report prints which ran).
+RECONSTRUCTED = (
+    "stage1.generator.arch", "stage1.ie_log_base", "stage2.k_student", "stage2.discrepancy", "stage2.aggregation",
+    "stage2.rob_target", "stage2.tau", "stage2.lambda_rob_clean", "stage2.augment", "stage2.baselines.student_loss",
+)
+STEP_KEYS = ("iteration", "step", "epoch")
+SKIP_CURVES = {"student_steps", "seconds", "lr", "lr_student"}
+
+
+class ReportError(ValueError):
+    """A missing or unreadable input of the report, with the file and the stage that writes it."""
+
+
+@dataclass
+class Row:
+    """One line of the table: a reference model or a method aggregated over its seeds."""
+
+    label: str
+    kind: str  # teacher | reference | student
+    values: dict[str, list[float]]  # column -> one value per seed
+    models: list[str]
+    suspect: list[str]  # "model: failed checks"
+    unchecked: int = 0  # models whose sanity checks did not run
+
+    @property
+    def sanity(self) -> str:
+        if self.suspect:
+            return "; ".join(self.suspect)
+        return "not run" if self.unchecked == len(self.models) else "pass"
+
+    def cell(self, column: str) -> str:
+        vals = self.values.get(column) or []
+        if not vals:
+            return "–"
+        if len(vals) == 1:
+            return f"{vals[0]:.2f}"
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+# ---------------------------------------------------------------- inputs
+def load_eval(root: Path) -> dict:
+    path = Paths(root).metrics / "eval.json"
+    if not path.is_file():
+        raise ReportError(f"{path}: not found; run `derd evaluate` (or `dvc repro`) first")
+    try:
+        result = read_json(path)
+    except ValueError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc}); rerun `derd evaluate`") from None
+    if not isinstance(result.get("rows"), list):
+        raise ReportError(f"{path}: has no 'rows' list; rerun `derd evaluate`")
+    return result
+
+
+def _optional_json(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_metrics(root: Path) -> dict[str, float]:
+    """``<model>/<column>`` -> percent, for every evaluated model (the parent run's final metrics)."""
+    return {f"{r['model']}/{c}": float(r[c]) for r in load_eval(root)["rows"] for c in COLUMNS if c in r}
+
+
+def table_rows(evaluation: dict) -> list[Row]:
+    """Reference rows first (as evaluated), then one row per method in the paper's order."""
+    refs, methods = [], {}
+    for r in evaluation["rows"]:
+        failed = [c for c, ok in (r.get("sanity") or {}).items() if ok is False]
+        flag = [f"{r['model']}: {', '.join(failed)}"] if failed else []
+        values = {c: [float(r[c])] for c in COLUMNS if c in r}
+        unchecked = int(not r.get("sanity"))
+        if r.get("kind") != "student":
+            refs.append(Row(r["model"], r.get("kind", "reference"), values, [r["model"]], flag, unchecked))
+            continue
+        method = r.get("method") or r["model"].rsplit("-seed", 1)[0]
+        row = methods.setdefault(method, Row(METHOD_LABELS.get(method, method), "student", {}, [], []))
+        for c, v in values.items():
+            row.values.setdefault(c, []).extend(v)
+        row.models.append(r["model"])
+        row.suspect.extend(flag)
+        row.unchecked += unchecked
+    order = list(METHOD_LABELS)
+    ranked = sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
+    return refs + [methods[m] for m in ranked]
+
+
+# ---------------------------------------------------------------- environment
+def git_commit(root: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def environment(cfg: Config, root: Path, evaluation: dict) -> dict:
+    aa = evaluation.get("autoattack") or {}
+    return {
+        "versions": versions(),
+        "autoattack": f"{aa.get('package', '?')} {aa.get('version', '?')} ({aa.get('aa_version', '?')}, "
+                      f"{aa.get('n_examples', '?')} examples)",
+        "seed": cfg.seed,
+        "device": f"{cfg.device} -> {resolve_device(cfg.device)}",
+        "git_commit": git_commit(root) or "unknown (not a git checkout)",
+    }
+
+
+def reconstructed(cfg: Config, distill: dict) -> dict[str, object]:
+    """The [R] configuration keys with their values, and each method's recorded reading."""
+    data = cfg.model_dump(mode="json")
+    out: dict[str, object] = {}
+    for key in RECONSTRUCTED:
+        node: object = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[key] = node
+    readings = {}
+    for name, entry in distill.items():
+        if isinstance(entry, dict) and entry.get("reading"):
+            readings.setdefault(entry.get("method", name), entry["reading"])
+    return {**out, **{f"reading[{m}]": r for m, r in readings.items()}}
+
+
+# ---------------------------------------------------------------- figures
+def curves_png(series: dict[str, list[dict]], title: str, max_panels: int = 16) -> bytes | None:
+    """Small multiples: one panel per numeric column, one line per series, against its step column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns: list[str] = []
+    for rows in series.values():
+        for key in rows[0] if rows else {}:
+            plotted = key not in STEP_KEYS and key not in SKIP_CURVES and _number(rows[0][key]) is not None
+            if plotted and key not in columns:
+                columns.append(key)
+    columns = columns[:max_panels]
+    if not columns:
+        return None
+    ncol = min(4, len(columns))
+    nrow = math.ceil(len(columns) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        for color, (name, rows) in enumerate(series.items()):
+            step = next((k for k in STEP_KEYS if rows and k in rows[0]), None)
+            pts = [(_number(r[step]) if step else i, _number(r.get(column))) for i, r in enumerate(rows)]
+            pts = [(x, y) for x, y in pts if x is not None and y is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name, lw=1, color=f"C{color % 10}")  # one colour per series
+        ax.set_title(column, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _number(value: object) -> float | None:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def training_figures(root: Path) -> dict[str, Path]:
+    """Render the Stage-I and Stage-II curves into reports/figures/; returns title -> file."""
+    paths, out = Paths(root), {}
+    figures = paths.reports / "figures"
+    warmup_csv = paths.plots / "warmup.csv"
+    if warmup_csv.is_file():
+        by_artifact: dict[str, list[dict]] = {}
+        for r in read_rows(warmup_csv):
+            by_artifact.setdefault(r.get("artifact", "generator"), []).append(r)
+        png = curves_png(by_artifact, "Stage-I warm-up: L_G^I terms per step")
+        if png:
+            out["Stage-I training curves"] = write_bytes(figures / "warmup_curves.png", png)
+    students = {p.stem: read_rows(p) for p in sorted((paths.plots / "distill").glob("*.csv"))}
+    png = curves_png({k: v for k, v in students.items() if v}, "Stage-II distillation: losses per iteration")
+    if png:
+        out["Stage-II training curves"] = write_bytes(figures / "distill_curves.png", png)
+    return out
+
+
+# ---------------------------------------------------------------- rendering
+def markdown(rows: list[Row], sections: dict[str, object], images: dict[str, Path], evaluation: dict,
+             reports: Path) -> str:
+    lines = ["# DERD report", "", _caption(evaluation), "", "| Model | " + " | ".join(COLUMNS) + " | Seeds | Sanity |",
+             "|" + "---|" * (len(COLUMNS) + 3)]
+    for r in rows:
+        lines.append(f"| {r.label} | " + " | ".join(r.cell(c) for c in COLUMNS)
+                     + f" | {len(r.models)} | {r.sanity} |")
+    for title, path in images.items():
+        lines += ["", f"## {title}", "", f"![{title}]({_relative(path, reports)})"]
+    for title, body in sections.items():
+        lines += ["", f"## {title}", "", "```", _as_text(body), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(rows: list[Row], sections: dict[str, object], images: dict[str, Path], evaluation: dict) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("Model", *COLUMNS, "Seeds", "Sanity"))
+    body = []
+    for r in rows:
+        cls = ' class="suspect"' if r.suspect else ""
+        cells = "".join(f"<td>{html.escape(r.cell(c))}</td>" for c in COLUMNS)
+        flag = html.escape(r.sanity)
+        body.append(f"<tr{cls}><th>{html.escape(r.label)}</th>{cells}<td>{len(r.models)}</td><td>{flag}</td></tr>")
+    figs = "".join(
+        f"<h2>{html.escape(t)}</h2><img alt=\"{html.escape(t)}\" src=\"data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}\">" for t, p in images.items())
+    extra = "".join(f"<h2>{html.escape(t)}</h2><pre>{html.escape(_as_text(b))}</pre>" for t, b in sections.items())
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "tr.suspect{background:#fde2e2}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>DERD report</title><style>{style}</style>"
+            f"</head><body><h1>DERD report</h1><p>{html.escape(_caption(evaluation))}</p>"
+            f"<table id=\"results\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"{figs}{extra}</body></html>\n")
+
+
+def _caption(evaluation: dict) -> str:
+    aa = evaluation.get("autoattack") or {}
+    return (f"Robust accuracy (%) on {evaluation.get('dataset', '?')}, L∞ ε = {evaluation.get('eps', '?')} "
+            f"(pixel units in [0,1]), {evaluation.get('n_examples', '?')} test examples; AA = {aa.get('package', '?')} "
+            f"{aa.get('aa_version', '')} on {aa.get('n_examples', '?')} examples. Ave = mean of all six columns "
+            "including Clean; students: mean ± sample std over seeds. Rows failing a sanity check are marked.")
+
+
+def _as_text(body: object) -> str:
+    return body if isinstance(body, str) else yaml.safe_dump(body, sort_keys=False, allow_unicode=True).rstrip()
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def run(cfg: Config, root: Path = Path(".")) -> dict:
+    """The report stage (see the module docstring)."""
+    paths = Paths(root)
+    evaluation = load_eval(root)
+    distill = _optional_json(paths.metrics / "distill.json")
+    rows = table_rows(evaluation)
+    images = {"ε-curves (PGD_S)": paths.plots / "eps_curve.png",
+              "Generated samples (Stage-I)": paths.plots / "warmup_samples.png"}
+    images = {t: p for t, p in images.items() if p.is_file()} | training_figures(root)
+    sections = {
+        "Sanity checks": {r["model"]: r.get("sanity") or "not run" for r in evaluation["rows"]},
+        "Reconstructed choices (METHOD.md [R]) that ran": reconstructed(cfg, distill),
+        "Teachers": _optional_json(paths.metrics / "teachers.json") or "not available",
+        "Environment": environment(cfg, root, evaluation),
+        "Configuration (params)": cfg.model_dump(mode="json"),
+    }
+    html_path = write_text(paths.reports / "report.html", html_page(rows, sections, images, evaluation))
+    md_path = write_text(paths.reports / "report.md", markdown(rows, sections, images, evaluation, paths.reports))
+    return {"html": str(html_path), "markdown": str(md_path), "rows": len(rows), "models": len(evaluation["rows"]),
+            "suspect_rows": sum(bool(r.suspect) for r in rows), "figures": len(images)}

@@ -1,0 +1,316 @@
+"""MLflow bookkeeping of the pipeline (DESIGN.md "MLflow conventions").
+
+One experiment per dataset; one *parent* run per full configuration (found again by its params
+hash, all params flattened, the final table as metrics); one *child* run per stage execution (stage
+params, result metrics, per-step curves with their step, artifacts). The child's run id is stamped
+into the stage's sidecars and into its run record (``artifacts/runs/<stage>.json``, a DVC out), so a
+stage that DVC restores from its cache still names the run that produced it; the parent of every
+later stage links the upstream runs by tag (``derd.run.<stage>``).
+
+The store defaults to ``sqlite:///<project>/mlflow.db`` with artifacts in ``<project>/mlartifacts``,
+where ``<project>`` is the real project even when DVC runs the stage in an experiment copy under
+``<project>/.dvc/tmp/exps/``: every run lands in one store.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from derd.config import Config
+from derd.io import read_json, versions, write_json
+from derd.report import git_commit
+
+from .stages import BY_NAME, Stage, upstream
+
+STORE = "mlflow.db"
+ARTIFACTS = "mlartifacts"
+STEP_COLUMNS = ("step", "iteration", "epoch")
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+_EXPERIMENT_TMP = (".dvc", "tmp", "exps")
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not record a stage (the stage's own outputs are already written)."""
+
+
+def project_root(root: str | Path) -> Path:
+    """The project owning ``root``: DVC runs experiments in ``<project>/.dvc/tmp/exps/...`` copies."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - len(_EXPERIMENT_TMP) + 1):
+        if parts[i : i + len(_EXPERIMENT_TMP)] == _EXPERIMENT_TMP:
+            return Path(*parts[:i])
+    return Path(root).resolve()
+
+
+def tracking_uri(cfg: Config, root: str | Path) -> str:
+    """``tracking.uri``, or the project's SQLite store; relative sqlite paths resolve against the project."""
+    uri = cfg.tracking.uri
+    if not uri:
+        return f"sqlite:///{project_root(root) / STORE}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        return f"sqlite:///{project_root(root) / uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+def artifact_root(root: str | Path) -> Path:
+    return project_root(root) / ARTIFACTS
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"derd-{cfg.data.name}"
+
+
+def config_hash(cfg: Config) -> str:
+    """Identity of a full configuration (every section but ``tracking``): one parent run each."""
+    return cfg.section_hash(*(k for k in Config.model_fields if k != "tracking"))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay leaves."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, ``_ - . / space``; anything else becomes ``_``."""
+    return re.sub(r"[^\w\-./ ]", "_", name)
+
+
+def numeric_leaves(data: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers (and booleans) of a nested result, by flattened name."""
+    out = {}
+    for key, value in flatten(data).items():
+        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+            out[metric_name(key)] = float(value)
+    return out
+
+
+def row_metrics(rows: Iterable[Mapping[str, Any]], prefix: str = "") -> list[tuple[str, float, int]]:
+    """Per-step ``(name, value, step)`` from table rows. The step is the first of ``step``/``iteration``/
+    ``epoch`` present (else the row index); text columns (e.g. ``artifact``) become part of the name."""
+    out = []
+    for index, row in enumerate(rows):
+        step_key = next((k for k in STEP_COLUMNS if k in row), None)
+        step = int(float(row[step_key])) if step_key else index
+        values, labels = {}, []
+        for key, raw in row.items():
+            if key == step_key or raw in (None, ""):
+                continue
+            try:
+                values[key] = float(raw)
+            except (TypeError, ValueError):
+                labels.append(str(raw))
+        name = prefix + "".join(f"{label}/" for label in labels)
+        out.extend((metric_name(name + key), v, step) for key, v in values.items() if math.isfinite(v))
+    return out
+
+
+def curve_metrics(stage: Stage, root: Path) -> list[tuple[str, float, int]]:
+    """Step metrics of a stage: its per-step CSVs (prefixed by the file's name) and sidecar histories."""
+    out = []
+    for path in stage.files(root, "curves"):
+        with open(path, newline="") as f:
+            out.extend(row_metrics(csv.DictReader(f), f"{path.stem}/"))
+    for path in stage.files(root, "sidecars"):
+        history = read_json(path).get("history")
+        if isinstance(history, list) and history and isinstance(history[0], dict):
+            out.extend(row_metrics(history, f"{path.stem}/"))
+    return out
+
+
+def environment_tags(cfg: Config, root: Path) -> dict[str, str]:
+    """Tags every run carries: params hash, git commit, package versions, the AutoAttack package."""
+    pkgs = versions()
+    for name in ("prefect", "mlflow", "dvc"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    autoattack = [f"{p} {pkgs[p]}" for p in ("autoattack", "pyautoattack") if p in pkgs]
+    tags = {
+        "derd.params_hash": config_hash(cfg),
+        "derd.dataset": cfg.data.name,
+        "derd.autoattack": ", ".join(autoattack) or "not installed",
+        "derd.versions": json.dumps(pkgs, sort_keys=True),
+        **{f"version.{k}": v for k, v in pkgs.items()},
+    }
+    commit = git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+class Tracker:
+    """A client bound to the configured store and experiment."""
+
+    def __init__(self, cfg: Config, root: str | Path):
+        from mlflow.tracking import MlflowClient
+
+        self.cfg, self.root = cfg, Path(root)
+        self.uri = tracking_uri(cfg, root)
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        name = experiment_name(self.cfg)
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (artifact_root(self.root) / name).as_uri() if self.uri.startswith("sqlite:") else None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={"derd.dataset": self.cfg.data.name})
+        except MlflowException:  # created meanwhile by a parallel experiment (dvc queue start -j N)
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def parent(self, tags: Mapping[str, str]) -> str:
+        """The parent run of this configuration: found by its params hash, else created with every param."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`derd.params_hash` = '{tags['derd.params_hash']}' and tags.`derd.kind` = 'parent'",
+            max_results=1, order_by=["attributes.start_time ASC"],
+        )
+        if runs:
+            return runs[0].info.run_id
+        name = f"{self.cfg.data.name}-{'+'.join(self.cfg.stage2.methods)}-{tags['derd.params_hash']}"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "derd.kind": "parent"})
+        params = flatten(self.cfg.model_dump(mode="json"))
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def _log(self, run_id: str, params: Mapping[str, Any] | None = None,
+             metrics: Iterable[tuple[str, float, int]] = (), tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ps = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in (params or {}).items()]
+        ms = [Metric(k, v, now, step) for k, v, step in metrics]
+        ts = [RunTag(k, v) for k, v in (tags or {}).items()]
+        for i in range(0, len(ps), 100):  # MLflow: at most 100 params per batch
+            self.client.log_batch(run_id, params=ps[i : i + 100])
+        for i in range(0, len(ms), _BATCH):
+            self.client.log_batch(run_id, metrics=ms[i : i + _BATCH])
+        if ts:
+            self.client.log_batch(run_id, tags=ts)
+
+    def log_stage(self, stage: Stage, result: Mapping[str, Any], seconds: float,
+                  final_metrics: Mapping[str, float] | None = None) -> dict:
+        """Record one finished stage as a child run; returns its run record."""
+        base = environment_tags(self.cfg, self.root)
+        parent = self.parent(base)
+        child = self.client.create_run(self.experiment_id, run_name=stage.name, tags={
+            **base, "derd.kind": "stage", "derd.stage": stage.name, "mlflow.parentRunId": parent,
+            "derd.stage_hash": self.cfg.section_hash(*stage.sections) if stage.sections else base["derd.params_hash"],
+        }).info.run_id
+        data = self.cfg.model_dump(mode="json")
+        params = flatten({k: data[k] for k in stage.sections}) if stage.sections else {}
+        final = [(metric_name(k), v, 0) for k, v in (final_metrics or {}).items()]
+        metrics = [(k, v, 0) for k, v in numeric_leaves(result).items()] + final
+        metrics.append(("stage_seconds", round(seconds, 3), 0))
+        self._log(child, params=params, metrics=metrics + curve_metrics(stage, self.root))
+        for path in stage.files(self.root):
+            self.client.log_artifact(child, str(path), str(path.parent.relative_to(self.root)))
+        self.client.set_terminated(child, "FINISHED")
+        record = {"stage": stage.name, "mlflow_run_id": child, "mlflow_parent_run_id": parent,
+                  "experiment": experiment_name(self.cfg), "tracking_uri": self.uri,
+                  "params_hash": base["derd.params_hash"], "git_commit": base.get("mlflow.source.git.commit"),
+                  "seconds": round(seconds, 3)}
+        links = {f"derd.run.{s.name}": r["mlflow_run_id"] for s in upstream(stage.name)
+                 if (r := read_record(s, self.root)) and r.get("mlflow_run_id")}
+        self._log(parent, metrics=final, tags={**links, f"derd.run.{stage.name}": child})
+        self.client.set_terminated(parent, "FINISHED")
+        return record
+
+    def log_failure(self, stage: Stage, error: BaseException) -> str:
+        """A FAILED child run naming the error, so broken runs show in the UI too."""
+        base = environment_tags(self.cfg, self.root)
+        run = self.client.create_run(self.experiment_id, run_name=stage.name, tags={
+            **base, "derd.kind": "stage", "derd.stage": stage.name, "mlflow.parentRunId": self.parent(base),
+            "derd.error": f"{type(error).__name__}: {error}"[:5000]})
+        self.client.set_terminated(run.info.run_id, "FAILED")
+        return run.info.run_id
+
+
+def read_record(stage: Stage, root: Path) -> dict | None:
+    path = stage.record(root)
+    return read_json(path) if path.is_file() else None
+
+
+def stamp(stage_name: str, root: str | Path, record: Mapping[str, Any]) -> None:
+    """Write the run record and put the MLflow run id into every sidecar the stage wrote (atomically)."""
+    stage, root = BY_NAME[stage_name], Path(root)
+    for path in stage.files(root, "sidecars"):
+        side = read_json(path)
+        side["mlflow_run_id"] = record.get("mlflow_run_id")
+        write_json(path, side)
+    write_json(stage.record(root), dict(record))
+
+
+def log_stage(cfg: Config, root: str | Path, stage_name: str, result: Mapping[str, Any], seconds: float,
+              final_metrics: Mapping[str, float] | None = None) -> dict:
+    """Log a finished stage to MLflow (or skip when ``tracking.enabled`` is false); returns the run record.
+
+    Raises :class:`TrackingError` naming the store when MLflow fails."""
+    stage = BY_NAME[stage_name]
+    if not cfg.tracking.enabled:
+        return {"stage": stage_name, "mlflow_run_id": None, "tracking": "disabled", "seconds": round(seconds, 3)}
+    uri = tracking_uri(cfg, root)
+    try:
+        return Tracker(cfg, root).log_stage(stage, result, seconds, final_metrics)
+    except Exception as exc:  # any MLflow/SQLAlchemy/OS failure: the caller reports it and keeps the outputs
+        reason = f"{type(exc).__name__}: {exc}"
+        raise TrackingError(f"MLflow could not record stage {stage_name!r} in {uri}: {reason}") from exc
+
+
+def log_failure(cfg: Config, root: str | Path, stage_name: str, error: BaseException) -> str | None:
+    if not cfg.tracking.enabled:
+        return None
+    try:
+        return Tracker(cfg, root).log_failure(BY_NAME[stage_name], error)
+    except Exception:  # the stage's own error is the one to report
+        return None
+
+
+def ui(cfg: Config, root: str | Path, port: int = 5000) -> int:
+    """``mlflow ui`` on 127.0.0.1 for this project's store, in its own process group (stopped as a group)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    uri = tracking_uri(cfg, root)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", artifact_root(root).as_uri()]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

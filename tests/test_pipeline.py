@@ -1,0 +1,149 @@
+"""End-to-end smoke of the DVC pipeline on the micro profile, in a throw-away copy of the project.
+
+`dvc repro` runs every stage through the `derd` CLI (Prefect flows against the session's test
+server, MLflow in the copy's store); then a Stage-II change reruns distill and what follows, never
+teachers or warm-up, and MLflow shows which runs produced what.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from derd import config
+from derd.io import read_json
+from pipelines import tracking
+from pipelines.stages import STAGES
+from pipeline_profile import write_params
+
+PROJECT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.xdist_group("prefect")]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{out[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_api) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the project with the micro profile as params.yaml, and its environment."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("derd", "pipelines"):
+        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):
+        shutil.copy(PROJECT / name, root / name)
+    write_params(root / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(root), "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "micro project"]):
+        _run(cmd, root, env)
+    return root, env
+
+
+def _declared(root: Path) -> list[Path]:
+    """Every out, metric and plot that dvc.yaml declares."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(root / (next(iter(entry)) if isinstance(entry, dict) else entry))
+    return paths
+
+
+def _runs(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = config.load(root / "params.yaml")
+    client = MlflowClient(tracking.tracking_uri(cfg, root))
+    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+    assert experiment is not None, "no MLflow experiment for the dataset"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("derd.kind") == "parent"]
+    children = [r for r in runs if r.data.tags.get("derd.kind") == "stage"]
+    return client, parents, children
+
+
+def _stage_runs(children, stage: str):
+    return [r for r in children if r.data.tags["derd.stage"] == stage]
+
+
+def test_dvc_pipeline_end_to_end_and_stage2_rerun(project):
+    root, env = project
+    out = _run(["dvc", "repro"], root, env)
+    assert "Report: " in out and "derd ui" in out, "the report stage must say where the report is"
+    missing = [str(p.relative_to(root)) for p in _declared(root) if not p.exists()]
+    assert not missing, f"declared outputs missing after dvc repro: {missing}"
+    assert "up to date" in _run(["dvc", "status"], root, env)
+    (shown,) = json.loads(_run(["dvc", "metrics", "show", "--json"], root, env)).values()  # the workspace
+    table = shown["data"]["metrics/eval.json"]["data"]["table"]
+    assert set(table) == {"Nature", "SAT", "derd-seed0", "dafl-seed0"} and "AA" in table["derd-seed0"]
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], root, env))
+    assert not plots.get("errors") and any("distill" in name for name in plots["data"])
+
+    client, parents, children = _runs(root)
+    assert len(parents) == 1
+    parent = parents[0]
+    cfg = config.load(root / "params.yaml")
+    assert parent.data.tags["derd.params_hash"] == tracking.config_hash(cfg)
+    assert parent.data.params["stage2.lambda_rob"] == "0.5" and parent.data.params["stage2.iterations"] == "2"
+    assert {"Nature/AA", "SAT/Ave", "derd-seed0/Clean", "dafl-seed0/PGD_S"} <= set(parent.data.metrics)
+    assert sorted(r.data.tags["derd.stage"] for r in children) == sorted(s.name for s in STAGES)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["derd.autoattack"] and child.data.tags["version.torch"]
+        assert parent.data.tags[f"derd.run.{child.data.tags['derd.stage']}"] == child.info.run_id
+    distill = _stage_runs(children, "distill")[0]
+    assert distill.data.params["stage2.lambda_rob"] == "0.5"
+    curve = client.get_metric_history(distill.info.run_id, "derd-seed0/L_rob")
+    assert [m.step for m in curve] == [1, 2], "per-step Stage-II losses are logged with their iteration"
+    evaluate = _stage_runs(children, "evaluate")[0]
+    assert evaluate.data.metrics["derd-seed0/Ave"] == parent.data.metrics["derd-seed0/Ave"]
+    artifacts = {a.path for a in client.list_artifacts(_stage_runs(children, "report")[0].info.run_id, "reports")}
+    assert {"reports/report.html", "reports/report.md"} <= artifacts
+    teachers_run = _stage_runs(children, "teachers")[0].info.run_id
+    assert read_json(root / "artifacts/teachers/natural.json")["mlflow_run_id"] == teachers_run
+
+    # A Stage-II change: distill, evaluate and report rerun; teachers and warm-up come from the cache.
+    write_params(root / "params.yaml", {"stage2.lambda_rob": 1.0})
+    out = _run(["dvc", "repro"], root, env)
+    assert "Stage 'teachers' didn't change, skipping" in out
+    assert "Stage 'warmup' didn't change, skipping" in out
+    assert "Running stage 'distill'" in out and "Running stage 'report'" in out
+    client, parents, children = _runs(root)
+    assert len(parents) == 2
+    assert len(_stage_runs(children, "teachers")) == 1 and len(_stage_runs(children, "warmup")) == 1
+    assert len(_stage_runs(children, "distill")) == 2
+    new_parent = next(p for p in parents if p.info.run_id != parent.info.run_id)
+    assert new_parent.data.params["stage2.lambda_rob"] == "1.0"
+    assert new_parent.data.tags["derd.run.teachers"] == teachers_run, "the cached teachers stay linked"
+    assert read_json(root / "artifacts/teachers/natural.json")["mlflow_run_id"] == teachers_run
+
+
+def test_experiment_in_a_temp_dir_reuses_stage1_and_logs_to_the_project_store(project):
+    """`dvc exp run --temp` runs in .dvc/tmp/exps/...: the generator comes from the cache, and the
+    MLflow runs land in the project's store, not in the temporary copy."""
+    root, env = project
+    if not (root / "dvc.lock").exists():
+        pytest.skip("needs the pipeline of the previous test")
+    _run(["git", "add", "dvc.lock", "params.yaml"], root, env)
+    _run(["git", "commit", "-qm", "locked"], root, env)
+    _, _, before = _runs(root)
+    out = _run(["dvc", "exp", "run", "--temp", "-S", "stage2.lambda_rob=2"], root, env)
+    assert "Running stage 'warmup'" not in out and "Running stage 'teachers'" not in out
+    assert "Running stage 'distill'" in out
+    _, parents, children = _runs(root)
+    assert len(_stage_runs(children, "distill")) == len(_stage_runs(before, "distill")) + 1
+    assert any(float(p.data.params["stage2.lambda_rob"]) == 2.0 for p in parents)
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db")), "a run was logged inside the temp copy"

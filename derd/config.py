@@ -83,6 +83,7 @@ class Teachers(Section):
 class Generator(Section):
     arch: Literal[GENERATORS] = "dafl"
     nz: int = Field(100, ge=1)  # latent size
+    width: int | None = Field(None, ge=8)  # base channels; null = the arch's default (dafl 128, dcgan 64)
 
 
 class Inversion(Section):
@@ -98,6 +99,7 @@ class Stage1(Section):
     iterations: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.01, gt=0)  # Adam
+    schedule: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule over the iterations
     lambda_oh: float = Field(0.05, ge=0)
     lambda_ie: float = Field(5.0, ge=0)
     lambda_bn: float = Field(1e-5, ge=0)
@@ -105,13 +107,51 @@ class Stage1(Section):
     ie_log_base: Literal["e", "10"] = "e"  # DAFL used log10; METHOD.md uses ln
     health_samples: int = Field(1024, ge=10)
     collapse_threshold: float = Field(0.6, gt=0, le=1)  # warn when one class exceeds this share
+    min_diversity: float = Field(0.02, ge=0)  # warn when the mean pairwise RMS pixel distance is below
     inversion: Inversion = Inversion()
+    checkpoint_every: int = Field(100, ge=1)  # resume checkpoints (generator steps / pool batches)
     log_every: int = Field(10, ge=1)
 
 
 class Student(Section):
     arch: Literal[ARCHITECTURES] = "small_cnn"
     width: int = Field(16, ge=1)
+
+
+class DAFLOpts(Section):  # DAFL's generator objective (its CIFAR values)
+    lambda_oh: float = Field(1.0, ge=0)
+    lambda_a: float = Field(0.1, ge=0)
+    lambda_ie: float = Field(5.0, ge=0)
+
+
+class ZSKTOpts(Section):
+    beta_at: float = Field(250.0, ge=0)  # attention-transfer weight (ZSKT's β)
+
+
+class CMIOpts(Section):  # CMI's generator objective (its CIFAR-10 values)
+    lambda_bn: float = Field(1.0, ge=0)
+    lambda_oh: float = Field(0.5, ge=0)
+    lambda_adv: float = Field(0.5, ge=0)
+    lambda_cr: float = Field(0.8, ge=0)
+    cr_temperature: float = Field(0.1, gt=0)
+    bank_size: int = Field(4096, ge=1)  # memory bank of generated images (and contrastive queue)
+    head_dim: int = Field(128, ge=1)
+
+
+class DFARDOpts(Section):  # DFARD-style (reconstructed) generator balance and temperature
+    bn_balance: float = Field(1.0, ge=0)  # BN prior weighted to this multiple of the adversarial term
+    tau_lr: float = Field(0.01, ge=0)  # step of the temperature's ascent on the student loss
+    tau_min: float = Field(1.0, gt=0)
+    tau_max: float = Field(10.0, gt=0)
+
+
+class Baselines(Section):
+    student_loss: Literal["rslad", "kd"] = "rslad"  # rslad: robust KD on x_adv (+ clean); kd: clean KD only
+    rslad_clean_weight: float = Field(1 / 6, ge=0, le=1)  # α of the clean term (RSLAD: 1/6)
+    dafl: DAFLOpts = DAFLOpts()
+    zskt: ZSKTOpts = ZSKTOpts()
+    cmi: CMIOpts = CMIOpts()
+    dfard: DFARDOpts = DFARDOpts()
 
 
 class Stage2(Section):
@@ -133,10 +173,16 @@ class Stage2(Section):
     aggregation: Literal[AGGREGATIONS] = "sga"
     tau: float = Field(1.0, gt=0)
     rob_target: Literal["adv", "clean"] = "adv"
-    augment: bool = True  # crop(pad 4)+flip on pseudo data
+    lambda_g_rob_oh: float = Field(0.0, ge=0)  # [R] generator also minimises L_oh under T_rob (0 = paper reading)
+    lambda_rob_clean: float = Field(0.0, ge=0)  # robust soft labels on clean samples, in the robust expert's loss
+    augment: bool = True  # data.augment's crop+flip on pseudo data
     attack: Attack = Attack()
+    baselines: Baselines = Baselines()
     checkpoint_every: int = Field(50, ge=1)
-    monitor_every: int = Field(0, ge=0)  # 0 = no test-set monitoring (curves only when > 0)
+    monitor_every: int = Field(0, ge=0)  # 0 = no monitoring (curves only when > 0)
+    monitor_split: Literal["test", "val"] = "test"
+    monitor_examples: int = Field(500, ge=1)
+    monitor_pgd_steps: int = Field(10, ge=1)
     log_every: int = Field(10, ge=1)
 
 
@@ -149,16 +195,23 @@ class CW(AttackSteps):
     kappa: float = Field(50.0, ge=0)
 
 
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
+
 class AutoAttackCfg(Section):
     version: Literal["standard", "custom"] = "standard"
-    attacks: list[str] = ["apgd-ce", "apgd-t"]  # used when version is custom
+    attacks: list[Literal[AA_ATTACKS]] = Field(["apgd-ce", "apgd-t"], min_length=1)  # used when version is custom
     batch_size: int = Field(256, ge=1)
+    n_examples: int | None = Field(None, ge=1)  # AA on the first n evaluated examples (None: all of them)
+    package: Literal["auto", "pyautoattack", "autoattack"] = "auto"  # auto: upstream autoattack if installed
 
 
 class Sanity(Section):
     enabled: bool = True
     n_examples: int = Field(100, ge=1)  # subset used by the extra attacks of the checks
     tolerance: float = Field(0.03, ge=0)  # allowed accuracy noise (fraction)
+    strength: int = Field(5, ge=2)  # the convergence check runs PGD_S with this many times the steps and restarts
+    square_queries: int = Field(5000, ge=1)  # query budget of the black-box Square check
 
 
 class Eval(Section):

@@ -52,8 +52,11 @@ def test_params_yaml_round_trips_and_documents_every_key():
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_presets_validate(preset):
+def test_presets_validate_and_list_every_key(preset):
     config.load(preset)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(_leaves(yaml.safe_load(preset.read_text()))) == set(_leaves(params))
+    assert undocumented_keys(preset.read_text()) == []
 
 
 BAD = [

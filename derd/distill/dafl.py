@@ -1,0 +1,35 @@
+"""DAFL (Chen et al. 2019) as a data-free robust-distillation baseline.
+
+Generator: no game with the student; it minimises L_oh + λa·L_a + λie·L_ie against the (robust)
+teacher (one-hot confidence, feature activation, information entropy; no BN prior), trained from
+scratch. Student: the shared robust KD of :mod:`derd.distill.robust_kd`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..losses import StageOneLoss
+from . import register_method
+from .robust_kd import DataFreeBaseline
+
+
+@register_method("dafl", "DAFL")
+class DAFL(DataFreeBaseline):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        o = self.opts.dafl
+        lambdas = {"oh": o.lambda_oh, "a": o.lambda_a, "ie": o.lambda_ie, "bn": 0.0}
+        self.objective = StageOneLoss(self.teacher, lambdas, ctx.cfg.stage1.ie_log_base)
+
+    def generator_step(self, it: int) -> dict[str, Any]:
+        result = self.objective(self.ctx.generate())
+        self.ctx.update_generator(result.total, it)
+        return {"g_loss": result.total.detach(), **{f"g_{k}": result.raw[k].detach() for k in ("oh", "a", "ie")}}
+
+    def hooks(self) -> list[Any]:
+        return [self.objective]
+
+    def reading(self) -> dict[str, Any]:
+        o = self.opts.dafl
+        return {**super().reading(),
+                "generator_objective": f"DAFL: {o.lambda_oh}·L_oh + {o.lambda_a}·L_a + {o.lambda_ie}·L_ie on T_rob"}

@@ -1,0 +1,157 @@
+"""DERD and its two variants (METHOD.md "Stage-II" and "Variants").
+
+Generator step (data level): L_G^II = L_G^I(x; T_nat) − λd·D(S(x), T_nat(x)), D = mean L1 on logits
+(DFAD) or KL; the generator starts from the cached Stage-I artifact. [R] option: + λg_rob·L_oh(T_rob(x))
+(``lambda_g_rob_oh``) asks for samples the robust expert is confident about (0 = the paper's reading).
+Student step (sample level + expert guidance), on detached x = G(z) (optional crop+flip):
+  x_adv = label-free KL-PGD against S;
+  L_nat = λnat·KL(σ_τ(T_nat(x)) ‖ σ_τ(S(x)))
+  L_rob = λrob·KL(σ_τ(T_rob(x_adv or x)) ‖ σ_τ(S(x_adv))) [+ λrob_clean·KL(σ_τ(T_rob(x)) ‖ σ_τ(S(x)))]
+and g_nat = ∇θ L_nat, g_rob = ∇θ L_rob are aggregated by :mod:`derd.sga` (stage2.aggregation).
+Each input is forwarded once; the two gradients come from ``torch.autograd.grad`` on that graph.
+
+- ``derd_no_tnat``: no natural teacher; the student stands in for it. The generator (warmed up on
+  T_rob) plays S against T_rob, and the "natural" expert term uses T_rob on clean samples.
+- ``derd_inv``: no generator; the student is distilled on the Stage-I inversion pool.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..io import check_finite
+from ..losses import StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
+from ..sga import GradientAggregator
+from . import register_method
+from .loop import Context, Method
+
+
+def discrepancy(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """D(S(x), T(x)): mean L1 of logits (DFAD) or KL(σ(T) ‖ σ(S))."""
+    return l1_discrepancy(student_logits, teacher_logits) if kind == "l1" else kd_kl(teacher_logits, student_logits)
+
+
+def stage1_generator(ctx: Context, teacher_role: str):
+    """The cached Stage-I generator warmed up on ``teacher_role`` (a clear error when missing)."""
+    from .. import warmup
+
+    return warmup.load_generator(ctx.cfg, ctx.root, teacher_role)
+
+
+@register_method("derd", "DERD")
+class DERD(Method):
+    """Two experts: natural knowledge on clean pseudo data, robust knowledge on adversarial pseudo data."""
+
+    teachers = ("natural", "robust")
+    generator_source = "stage1:natural"
+    natural_role = "natural"  # whose soft labels L_nat distils, and whom the generator plays S against
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        if self.generator_source:
+            ctx.set_generator(stage1_generator(ctx, self.generator_source.split(":")[1]))
+        self.natural = ctx.teachers[self.natural_role]
+        self.robust = ctx.teachers["robust"]
+        self.aggregator = GradientAggregator(ctx.s2.aggregation, ctx.s2.lambda_sga, seed=ctx.seed)
+        self.stage_one = StageOneLoss.from_config(self.natural, ctx.cfg.stage1) if self.generator_source else None
+
+    # ---------------------------------------------------------------- data level
+    def generator_step(self, it: int) -> dict[str, Any]:
+        ctx, s2 = self.ctx, self.ctx.s2
+        x = ctx.generate()
+        stage_one = self.stage_one(x)
+        d = discrepancy(s2.discrepancy, ctx.student(x), stage_one.logits)
+        loss = stage_one.total - s2.lambda_d * d
+        logs = {"g_discrepancy": d.detach(), **{f"g_{k}": v.detach() for k, v in stage_one.raw.items()}}
+        if s2.lambda_g_rob_oh:
+            rob_oh = one_hot_loss(self.robust(x))
+            loss = loss + s2.lambda_g_rob_oh * rob_oh
+            logs["g_rob_oh"] = rob_oh.detach()
+        ctx.update_generator(loss, it)
+        return {"g_loss": loss.detach(), **logs}
+
+    # ---------------------------------------------------------------- sample level + expert guidance
+    def student_batch(self) -> torch.Tensor:
+        return self.ctx.pseudo_batch()
+
+    def student_step(self, it: int) -> dict[str, Any]:
+        ctx, s2 = self.ctx, self.ctx.s2
+        x = self.student_batch()
+        x_adv = ctx.adversarial(x)
+        with torch.no_grad():
+            t_nat = self.natural(x)
+            t_rob_clean = self.robust(x) if (s2.rob_target == "clean" or s2.lambda_rob_clean) else None
+            t_rob = self.robust(x_adv) if s2.rob_target == "adv" else t_rob_clean
+        ctx.student.train()
+        s_clean, s_adv = ctx.student(x), ctx.student(x_adv)
+        l_nat = s2.lambda_nat * kd_kl(t_nat, s_clean, s2.tau)
+        l_rob = s2.lambda_rob * kd_kl(t_rob, s_adv, s2.tau)
+        if s2.lambda_rob_clean:
+            l_rob = l_rob + s2.lambda_rob_clean * kd_kl(t_rob_clean, s_clean, s2.tau)
+        check_finite(l_nat, "L_nat", it)
+        check_finite(l_rob, "L_rob", it)
+        g_nat = ctx.student_grads(l_nat, retain_graph=bool(s2.lambda_rob_clean))
+        g_rob = ctx.student_grads(l_rob)
+        grads, stats = self.aggregator(g_nat, g_rob, (l_nat.item(), l_rob.item()))
+        ctx.apply_student_grads(grads)
+        return {"L_nat": l_nat.detach(), "L_rob": l_rob.detach(), **stats}
+
+    def reading(self) -> dict[str, Any]:
+        s2 = self.ctx.s2
+        out = {
+            **super().reading(),
+            "natural_expert": "T_rob on clean samples (student stands in for T_nat)" if self.natural_role == "robust"
+            else "T_nat on clean samples",
+            "rob_target": f"T_rob({'x_adv' if s2.rob_target == 'adv' else 'x'})",
+            "lambda_nat": s2.lambda_nat, "lambda_rob": s2.lambda_rob, "lambda_rob_clean": s2.lambda_rob_clean,
+            "tau": s2.tau, "aggregation": s2.aggregation, "lambda_sga": s2.lambda_sga,
+            "sga_weights": "sum to 2, move at rate lambda_sga toward 2·r/Σr, r = loss / first-step loss",
+        }
+        if self.generator_source:
+            role = self.natural_role[:3]
+            extra = f" + {s2.lambda_g_rob_oh}·L_oh(T_rob(x))" if s2.lambda_g_rob_oh else ""
+            out.update({"generator_objective": f"L_G^I(x; T_{role}) − λd·D(S(x), T_{role}(x)){extra}",
+                        "discrepancy": s2.discrepancy, "lambda_d": s2.lambda_d, "lambda_g_rob_oh": s2.lambda_g_rob_oh})
+        return out
+
+    def hooks(self) -> list[Any]:
+        return [self.stage_one] if self.stage_one is not None else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"aggregator": self.aggregator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.aggregator.load_state_dict(state["aggregator"])
+
+
+@register_method("derd_no_tnat", "w/o T_nat")
+class DERDNoNaturalTeacher(DERD):
+    """Supplementary §3.2: the student replaces T_nat; self-adversarial generator between S and T_rob."""
+
+    teachers = ("robust",)
+    generator_source = "stage1:robust"
+    natural_role = "robust"
+
+
+@register_method("derd_inv", "DERD_inv")
+class DERDInversion(DERD):
+    """Supplementary §3.1: no generator; batches drawn (with crop+flip) from the Stage-I inversion pool."""
+
+    generator_source = None
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        from .. import warmup
+
+        self.pool = warmup.load_inversion_pool(ctx.root).to(ctx.device)
+
+    def generator_step(self, it: int) -> dict[str, Any]:
+        return {}
+
+    def student_batch(self) -> torch.Tensor:
+        idx = torch.randint(0, len(self.pool), (self.ctx.s2.batch_size,), generator=self.ctx.rng)
+        return self.ctx.augment(self.pool[idx.to(self.pool.device)])
+
+    def reading(self) -> dict[str, Any]:
+        return {**super().reading(), "pseudo_data": f"Stage-I inversion pool ({len(self.pool)} images)"}

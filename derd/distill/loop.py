@@ -1,0 +1,294 @@
+"""The loop skeleton every Stage-II method shares (METHOD.md "Stage-II").
+
+One iteration = one generator step, then ``stage2.k_student`` student steps. A method supplies the
+two steps (and the reconstructed choices it ran); the loop owns everything else: the student and
+its SGD/cosine optimiser, the generator and its Adam optimiser, the teachers (frozen, eval mode),
+the random stream, label-free PGD, NaN/inf checks, per-step curves, resume checkpoints, test/val
+monitoring (curves only) and the final artifact. The saved student is the last one.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import data as datasets
+from ..attacks import KLPGD, PGD
+from ..config import Config
+from ..io import check_finite, load_tensors, save_artifact, save_tensors, write_text
+from ..runtime import Paths, log, progress, resolve_device, seed_everything
+from ..teachers import accuracy, build_for, load_teacher
+
+
+class Context:
+    """What a method's steps act on: models, optimisers, the random stream, and shared helpers."""
+
+    def __init__(self, cfg: Config, method: type[Method], seed: int, root: Path, device: torch.device):
+        self.cfg, self.s2, self.seed, self.root, self.device = cfg, cfg.stage2, seed, Path(root), device
+        self.info = datasets.info(cfg.data)
+        seed_everything(seed)
+        self.rng = torch.Generator().manual_seed(seed)  # z, augmentation and pool indices (CPU stream)
+        self.teachers = {role: load_teacher(cfg, role, root, device) for role in method.teachers}
+        s = self.s2.student
+        self.student = build_for(s.arch, s.width, self.info).to(device)
+        self.opt_s = torch.optim.SGD(self.student.parameters(), lr=self.s2.lr_student, momentum=self.s2.momentum,
+                                     weight_decay=self.s2.weight_decay)
+        self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, self.s2.iterations * self.s2.k_student)
+        self.generator: nn.Module | None = None
+        self.generator_params: list[nn.Parameter] = []
+        self.opt_g: torch.optim.Optimizer | None = None
+        self.monitor_data: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- generator
+    def set_generator(self, generator: nn.Module, extra_params: Sequence[nn.Parameter] = ()) -> None:
+        """Install the generator (and any extra trainable parts of the generator objective)."""
+        self.generator = generator.to(self.device).train()
+        self.generator_params = [*generator.parameters(), *extra_params]
+        self.opt_g = torch.optim.Adam(self.generator_params, lr=self.s2.lr_generator)
+
+    def sample_z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.cfg.stage1.generator.nz, generator=self.rng).to(self.device)
+
+    def generate(self, n: int | None = None) -> torch.Tensor:
+        """G(z) with the graph to G (for generator steps)."""
+        return self.generator(self.sample_z(n or self.s2.batch_size))
+
+    @torch.no_grad()
+    def pseudo_batch(self) -> torch.Tensor:
+        """Detached G(z) for student steps, with the optional crop+flip."""
+        return self.augment(self.generator(self.sample_z(self.s2.batch_size)))
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.s2.augment:
+            return x
+        aug = self.cfg.data.augment  # the dataset's own crop/flip policy (CIFAR: pad 4 + flip)
+        return datasets.augment_batch(x.cpu(), aug.crop_padding, aug.hflip, self.rng).to(self.device)
+
+    def update_generator(self, loss: torch.Tensor, step: int) -> None:
+        """One Adam step on the generator's parameters only (the student and teachers get no grads)."""
+        check_finite(loss, "generator loss", step)
+        grads = torch.autograd.grad(loss, self.generator_params, allow_unused=True)
+        for p, g in zip(self.generator_params, grads):
+            p.grad = g
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------- student
+    def adversarial(self, x: torch.Tensor) -> torch.Tensor:
+        """Label-free PGD pseudo examples against the student (eval mode while attacking, mode restored)."""
+        a = self.s2.attack
+        return KLPGD(self.student, a.eps, steps=a.steps, step_size=a.step_size)(x)
+
+    def student_grads(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        params = list(self.student.parameters())
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def apply_student_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        """One SGD step with the given gradients, then the cosine schedule."""
+        for p, g in zip(self.student.parameters(), grads):
+            p.grad = g
+        self.opt_s.step()
+        self.opt_s.zero_grad(set_to_none=True)
+        self.sched_s.step()
+
+    def update_student(self, loss: torch.Tensor, step: int) -> None:
+        check_finite(loss, "student loss", step)
+        self.apply_student_grads(self.student_grads(loss))
+
+
+class Method:
+    """A Stage-II method: its generator step, its student step, and the choices it ran."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # how tables name the row (e.g. "DFARD-style")
+    teachers: ClassVar[tuple[str, ...]] = ("robust",)
+    generator_source: ClassVar[str | None] = "scratch"  # stage1:natural | stage1:robust | scratch | None
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def generator_step(self, it: int) -> dict[str, Any]:
+        return {}
+
+    def student_step(self, it: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def reading(self) -> dict[str, Any]:
+        """The reconstructed choices this method ran (recorded in the sidecar and the report)."""
+        s2 = self.ctx.s2
+        return {
+            "generator": self.generator_source or "none",
+            "k_student": s2.k_student,
+            "augment": s2.augment,
+            "adversarial_examples": f"label-free KL-PGD on the student: eps={s2.attack.eps}, "
+                                    f"{s2.attack.steps} steps of {s2.attack.step_size}, start x+0.001·N",
+            "student_optimiser": f"SGD lr={s2.lr_student} momentum={s2.momentum} wd={s2.weight_decay}, cosine",
+            "generator_optimiser": f"Adam lr={s2.lr_generator}" if self.generator_source else "none",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def hooks(self) -> list[Any]:
+        """Objects holding forward hooks on a teacher (closed when training ends)."""
+        return []
+
+    def close(self) -> None:
+        for h in self.hooks():
+            h.close()
+
+
+# -------------------------------------------------------------------- curves and checkpoints
+def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_curves(path: Path, before: int) -> list[dict[str, float]]:
+    """Rows of an earlier (interrupted) run up to iteration ``before`` (exclusive)."""
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return [r for r in rows if r["iteration"] < before]
+
+
+def _floats(logs: dict[str, Any], what: str, step: int) -> dict[str, float]:
+    out = {}
+    for k, v in logs.items():
+        check_finite(v, f"{what} {k}", step)
+        out[k] = float(v)
+    return out
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
+def monitor(ctx: Context) -> dict[str, float]:
+    """Clean and cheap PGD accuracy of the student on the monitored split (curves only, never selection)."""
+    s2 = ctx.s2
+    x, y = ctx.monitor_data
+    eps = ctx.cfg.eval.eps
+    steps = s2.monitor_pgd_steps
+    attack = PGD(ctx.student, eps, steps=steps, step_size=2.5 * eps / steps, seed=0)
+    x_adv = torch.cat([attack(x[i : i + 256], y[i : i + 256]).cpu() for i in range(0, len(x), 256)])
+    return {"monitor_clean": accuracy(ctx.student, x, y), "monitor_pgd": accuracy(ctx.student, x_adv, y)}
+
+
+def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float, params_hash: str) -> dict:
+    state = {
+        "iteration": it, "seconds": seconds, "params_hash": params_hash,
+        "student": ctx.student.state_dict(), "opt_s": ctx.opt_s.state_dict(), "sched_s": ctx.sched_s.state_dict(),
+        "rng": ctx.rng.get_state(), "torch_rng": torch.get_rng_state(), "method": method.state_dict(),
+    }
+    if ctx.generator is not None:
+        state["generator"] = ctx.generator.state_dict()
+        state["generator_extra"] = [p.detach() for p in ctx.generator_params[len(list(ctx.generator.parameters())):]]
+        state["opt_g"] = ctx.opt_g.state_dict()
+    return state
+
+
+def _restore(ctx: Context, method: Method, state: dict) -> None:
+    ctx.student.load_state_dict(state["student"])
+    ctx.opt_s.load_state_dict(state["opt_s"])
+    ctx.sched_s.load_state_dict(state["sched_s"])
+    ctx.rng.set_state(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    method.load_state_dict(state["method"])
+    if ctx.generator is not None:
+        ctx.generator.load_state_dict(state["generator"])
+        n = len(list(ctx.generator.parameters()))
+        with torch.no_grad():
+            for p, v in zip(ctx.generator_params[n:], state["generator_extra"]):
+                p.copy_(v)
+        ctx.opt_g.load_state_dict(state["opt_g"])
+
+
+def _train(ctx: Context, method: Method, start: int, seconds_before: float, rows: list[dict[str, float]],
+           ckpt: Path, curves: Path, params_hash: str, tag: str) -> tuple[list[dict[str, float]], float]:
+    """Iterations ``start`` … end: generator step, k_student student steps, curves, checkpoints."""
+    s2 = ctx.s2
+    t0 = time.monotonic()
+    window: list[dict[str, float]] = []
+    for i in progress(s2.iterations - start, f"distill[{tag}]"):
+        it = start + i
+        logs = _floats(method.generator_step(it), "generator", it)
+        student_logs = [_floats(method.student_step(it), "student", it) for _ in range(s2.k_student)]
+        logs.update(_mean(student_logs))
+        window.append(logs)
+        done = it + 1
+        if done % s2.log_every == 0 or done == s2.iterations:
+            row = {"iteration": float(done), "student_steps": float(done * s2.k_student),
+                   "lr_student": ctx.sched_s.get_last_lr()[0], **_mean(window),
+                   "seconds": seconds_before + time.monotonic() - t0}
+            if s2.monitor_every and (done % s2.monitor_every == 0 or done == s2.iterations):
+                row.update(monitor(ctx))
+            rows.append(row)
+            window = []
+        if done % s2.checkpoint_every == 0 and done < s2.iterations:
+            save_tensors(ckpt, _checkpoint_state(ctx, method, done, seconds_before + time.monotonic() - t0, params_hash))
+            write_curves(curves, rows)
+    runtime = seconds_before + time.monotonic() - t0
+    write_curves(curves, rows)
+    return rows, runtime
+
+
+def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_hash: str) -> dict[str, Any]:
+    """Train one student with ``method_cls``; write its artifact, sidecar and curves; return the summary."""
+    paths = Paths(root)
+    s2 = cfg.stage2
+    device = resolve_device(cfg.device)
+    ctx = Context(cfg, method_cls, seed, root, device)
+    if s2.monitor_every:
+        splits = datasets.load(cfg.data)
+        ctx.monitor_data = datasets.first_n(getattr(splits, s2.monitor_split), s2.monitor_examples)
+    method = method_cls(ctx)
+    tag = f"{method_cls.name}-seed{seed}"
+    ckpt = paths.checkpoints / f"distill_{tag}.pt"
+    curves = paths.plots / "distill" / f"{tag}.csv"  # one directory: a single DVC out for any methods
+    start, seconds_before = 0, 0.0
+    if ckpt.is_file():
+        state = load_tensors(ckpt)
+        if state.get("params_hash") == params_hash:
+            _restore(ctx, method, state)
+            start, seconds_before = int(state["iteration"]), float(state["seconds"])
+            log.info("distill[%s]: resuming from iteration %d (%s)", tag, start, ckpt)
+        else:
+            log.info("distill[%s]: ignoring %s (other params)", tag, ckpt)
+    rows = read_curves(curves, start) if start else []
+    try:
+        rows, runtime = _train(ctx, method, start, seconds_before, rows, ckpt, curves, params_hash, tag)
+    finally:
+        method.close()
+    ctx.student.eval()
+    final = {k: round(v, 6) for k, v in rows[-1].items()} if rows else {}
+    sidecar = {
+        "method": method_cls.name, "label": method_cls.label or method_cls.name, "seed": seed,
+        "arch": s2.student.arch, "width": s2.student.width, "dataset": ctx.info.name,
+        "num_classes": ctx.info.num_classes, "shape": list(ctx.info.shape), "params_hash": params_hash,
+        "teachers_used": list(method_cls.teachers), "reading": method.reading(),
+        "iterations": s2.iterations, "student_steps": s2.iterations * s2.k_student,
+        "runtime_seconds": round(runtime, 2), "final": final, "curves": str(curves.relative_to(paths.root)),
+        "selection": "last iterate (no test-set selection)",
+    }
+    path = paths.student(method_cls.name, seed)
+    save_artifact(path, ctx.student.state_dict(), sidecar)
+    ckpt.unlink(missing_ok=True)
+    log.info("distill[%s]: done in %.0fs -> %s", tag, runtime, path)
+    return sidecar

@@ -1,0 +1,200 @@
+"""Stage-II loop, DERD and the baselines on a micro configuration (random tiny teachers and generators)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from derd import config, distill
+from derd import data as datasets
+from derd.io import CheckpointError, load_tensors, read_json, save_artifact, save_tensors
+from derd.models import build_generator
+from derd.runtime import Paths
+from derd.teachers import build_for
+
+
+def micro_config(**stage2):
+    s2 = {
+        "methods": ["derd"], "seeds": [0], "student": {"arch": "small_cnn", "width": 4},
+        "iterations": 3, "k_student": 2, "batch_size": 8, "attack": {"eps": 0.1, "steps": 2, "step_size": 0.05},
+        "checkpoint_every": 2, "log_every": 1,
+        "baselines": {"cmi": {"bank_size": 32, "head_dim": 8}},
+        **stage2,
+    }
+    net = {"arch": "small_cnn", "width": 4}
+    return config.parse({
+        "device": "cpu", "data": {"image_size": 8},
+        "teachers": {"natural": net, "robust": net},
+        "stage1": {"generator": {"nz": 8}, "inversion": {"pool_size": 16}},
+        "stage2": s2,
+    })
+
+
+@pytest.fixture
+def root(tmp_path):
+    """Random tiny teachers, Stage-I generators and an inversion pool in the artifact layout."""
+    cfg = micro_config()
+    info = datasets.info(cfg.data)
+    paths = Paths(tmp_path)
+    torch.manual_seed(0)
+    for role in ("natural", "robust"):
+        model = build_for("small_cnn", 4, info)
+        with torch.no_grad():  # non-trivial BN running statistics
+            model.train()
+            model(torch.rand(32, *info.shape))
+        save_artifact(paths.teacher(role), model.state_dict(),
+                      {"role": role, "arch": "small_cnn", "num_classes": info.num_classes})
+        g = build_generator("dafl", 8, info.shape)
+        save_artifact(paths.generator(role), g.state_dict(), {"arch": "dafl", "nz": 8, "shape": list(info.shape)})
+    save_tensors(paths.inversion_pool, {"images": torch.rand(16, *info.shape)})
+    return tmp_path
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_derd_iteration_updates_generator_and_student_never_a_teacher(root):
+    cfg = micro_config()
+    ctx = distill.Context(cfg, distill.get_method("derd"), 0, root, torch.device("cpu"))
+    method = distill.get_method("derd")(ctx)
+    teachers = {r: snapshot(t) for r, t in ctx.teachers.items()}
+    g0, s0 = snapshot(ctx.generator), snapshot(ctx.student)
+    g_logs = method.generator_step(0)
+    g1 = snapshot(ctx.generator)
+    assert not same(g0, g1)
+    assert same(s0, snapshot(ctx.student)) or all(  # only the student's BN buffers may move in the G step
+        torch.equal(s0[k], v) for k, v in snapshot(ctx.student).items() if "running" not in k and "num_batches" not in k)
+    s_logs = method.student_step(0)
+    s1 = snapshot(ctx.student)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0 if k.endswith("weight"))
+    for role, t in ctx.teachers.items():
+        assert same(teachers[role], snapshot(t)), f"{role} teacher changed"
+        assert not t.training
+    assert {"g_loss", "g_discrepancy", "g_oh", "g_bn"} <= set(g_logs)
+    assert {"L_nat", "L_rob", "cos_nat_rob", "conflict_frac", "w_nat", "w_rob"} <= set(s_logs)
+
+
+def test_adversarial_pseudo_examples_stay_in_the_ball_and_restore_the_mode(root):
+    cfg = micro_config(attack={"eps": 0.05, "steps": 3, "step_size": 0.04})
+    ctx = distill.Context(cfg, distill.get_method("derd"), 0, root, torch.device("cpu"))
+    distill.get_method("derd")(ctx)
+    x = ctx.pseudo_batch()
+    ctx.student.train()
+    x_adv = ctx.adversarial(x)
+    assert ctx.student.training
+    assert (x_adv - x).abs().max() <= 0.05 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, x)
+
+
+@pytest.mark.parametrize("method", distill.registered_methods())
+def test_every_registered_method_trains_a_student(root, method):
+    cfg = micro_config(methods=[method])
+    side = distill.train_student(cfg, method, 0, root)
+    paths = Paths(root)
+    assert paths.student(method, 0).is_file()
+    meta = read_json(paths.student(method, 0).with_suffix(".json"))
+    assert meta["method"] == method and meta["seed"] == 0 and meta["arch"] == "small_cnn"
+    assert meta["params_hash"] == distill.params_hash(cfg) and meta["reading"] == side["reading"]
+    assert meta["num_classes"] == 10 and meta["runtime_seconds"] >= 0
+    rows = list(csv.DictReader((paths.plots / "distill" / f"{method}-seed0.csv").open()))
+    assert [float(r["iteration"]) for r in rows] == [1.0, 2.0, 3.0]
+    assert not (paths.checkpoints / f"distill_{method}-seed0.pt").exists()
+    if method == "dfard":
+        assert meta["label"] == "DFARD-style"
+
+
+def test_run_writes_the_stage_summary(root):
+    cfg = micro_config(methods=["derd", "dfad"], seeds=[0, 1], iterations=1, k_student=1)
+    out = distill.run(cfg, root)
+    assert set(out) == {"derd-seed0", "derd-seed1", "dfad-seed0", "dfad-seed1"}
+    assert read_json(Paths(root).metrics / "distill.json").keys() == out.keys()
+
+
+def test_interrupted_run_resumes_to_the_same_student(root, tmp_path_factory, monkeypatch):
+    cfg = micro_config(iterations=4, checkpoint_every=2)
+    reference = distill.train_student(cfg, "derd", 0, root)
+    ref_state = load_tensors(Paths(root).student("derd", 0))
+
+    original = distill.get_method("derd").student_step
+    calls = {"n": 0}
+
+    def crash_at_iteration_3(self, it):
+        if it == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, it)
+
+    monkeypatch.setattr(distill.get_method("derd"), "student_step", crash_at_iteration_3)
+    Paths(root).student("derd", 0).unlink()
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_student(cfg, "derd", 0, root)
+    assert (Paths(root).checkpoints / "distill_derd-seed0.pt").is_file()
+    monkeypatch.setattr(distill.get_method("derd"), "student_step", original)
+    resumed = distill.train_student(cfg, "derd", 0, root)
+    state = load_tensors(Paths(root).student("derd", 0))
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+    assert resumed["final"]["iteration"] == reference["final"]["iteration"] == 4
+
+
+def test_nan_stops_the_run_loudly(root, monkeypatch):
+    monkeypatch.setattr("derd.distill.derd.kd_kl", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match="L_nat"):
+        distill.train_student(micro_config(), "derd", 0, root)
+
+
+def test_missing_stage1_artifacts_are_named(root):
+    Paths(root).inversion_pool.unlink()
+    with pytest.raises(CheckpointError, match="inversion_pool"):
+        distill.train_student(micro_config(methods=["derd_inv"]), "derd_inv", 0, root)
+    Paths(root).generator("robust").with_suffix(".json").unlink()
+    with pytest.raises(CheckpointError, match="derd warmup"):
+        distill.train_student(micro_config(methods=["derd_no_tnat"]), "derd_no_tnat", 0, root)
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(KeyError, match="stage2.methods"):
+        distill.get_method("derd_plus")
+
+
+def test_monitor_adds_curve_columns_only(root):
+    cfg = micro_config(iterations=2, monitor_every=2, monitor_split="val", monitor_examples=20, monitor_pgd_steps=1)
+    side = distill.train_student(cfg, "derd", 0, root)
+    rows = list(csv.DictReader((root / side["curves"]).open()))
+    assert rows[0]["monitor_clean"] == "" and 0 <= float(rows[1]["monitor_clean"]) <= 1
+    assert "monitor_pgd" in side["final"] and side["selection"].startswith("last iterate")
+
+
+@pytest.mark.parametrize("reading", [
+    {"aggregation": "pcgrad", "rob_target": "clean"},
+    {"aggregation": "mtard", "lambda_rob_clean": 1.0, "discrepancy": "kl"},
+    {"aggregation": "graddrop", "lambda_g_rob_oh": 1.0, "augment": False},
+])
+def test_derd_readings_run_and_are_recorded(root, reading):
+    side = distill.train_student(micro_config(iterations=1, k_student=1, **reading), "derd", 0, root)
+    r = side["reading"]
+    assert r["aggregation"] == reading["aggregation"] and r["augment"] == reading.get("augment", True)
+    assert r["rob_target"] == ("T_rob(x)" if reading.get("rob_target") == "clean" else "T_rob(x_adv)")
+    assert r["lambda_rob_clean"] == reading.get("lambda_rob_clean", 0.0)
+    assert ("L_oh(T_rob(x))" in r["generator_objective"]) == bool(reading.get("lambda_g_rob_oh"))
+
+
+@pytest.mark.parametrize("method", ["derd", "cmi", "dfard", "dafl"])
+def test_teacher_hooks_are_removed_after_training(root, method, monkeypatch):
+    seen = []
+    original = distill.Context.__init__
+
+    def keep(self, *a, **k):
+        original(self, *a, **k)
+        seen.append(self)
+
+    monkeypatch.setattr(distill.Context, "__init__", keep)
+    distill.train_student(micro_config(iterations=1, k_student=1), method, 0, root)
+    for teacher in seen[0].teachers.values():
+        assert all(not m._forward_hooks for m in teacher.modules())

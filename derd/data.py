@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .config import Data
+from .registry import Registry
 
 
 class DataError(FileNotFoundError):
@@ -40,20 +41,13 @@ class Splits:
     test: Dataset
 
 
-_REGISTRY: dict[str, Callable[[Data], Splits]] = {}
-
-
-def register_dataset(name: str):
-    def wrap(fn):
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+DATASETS: Registry[Callable[[Data], Splits]] = Registry("dataset")
+register_dataset = DATASETS.register
 
 
 def load(cfg: Data) -> Splits:
     """Load the configured dataset's train/val/test splits."""
-    return _REGISTRY[cfg.name](cfg)
+    return DATASETS[cfg.name](cfg)
 
 
 def info(cfg: Data) -> DatasetInfo:

@@ -6,20 +6,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..registry import Registry
+
 # builder(in_channels, num_classes, image_size, width) -> network with .features(x) and .fc
-_ARCHS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_arch(name: str):
-    def wrap(fn):
-        _ARCHS[name] = fn
-        return fn
-
-    return wrap
-
-
-def registered_archs() -> list[str]:
-    return sorted(_ARCHS)
+ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
+register_arch = ARCHS.register
+registered_archs = ARCHS.names
 
 
 class Normalize(nn.Module):
@@ -57,7 +49,5 @@ def build_model(
     width: int = 16,
 ) -> Classifier:
     """Instantiate a registered architecture wrapped with its input normalisation."""
-    if arch not in _ARCHS:
-        raise KeyError(f"unknown architecture {arch!r}; registered: {registered_archs()}")
-    net = _ARCHS[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
+    net = ARCHS[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
     return Classifier(net, mean, std, arch)

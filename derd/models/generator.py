@@ -6,19 +6,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-_GENERATORS: dict[str, Callable[..., nn.Module]] = {}
+from ..registry import Registry
 
-
-def register_generator(name: str):
-    def wrap(fn):
-        _GENERATORS[name] = fn
-        return fn
-
-    return wrap
-
-
-def registered_generators() -> list[str]:
-    return sorted(_GENERATORS)
+GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
+register_generator = GENERATORS.register
+registered_generators = GENERATORS.names
 
 
 def _up_block(cin: int, cout: int) -> list[nn.Module]:
@@ -78,7 +70,5 @@ register_generator("dcgan")(DCGANGenerator)
 
 def build_generator(arch: str, nz: int, shape: tuple[int, int, int], width: int | None = None) -> nn.Module:
     """A registered generator sized from the dataset's (C, H, W); ``width`` None = the arch's default."""
-    if arch not in _GENERATORS:
-        raise KeyError(f"unknown generator {arch!r}; registered: {registered_generators()}")
     channels, height, _ = shape
-    return _GENERATORS[arch](nz, channels, height, **({} if width is None else {"width": width}))
+    return GENERATORS[arch](nz, channels, height, **({} if width is None else {"width": width}))

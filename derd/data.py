@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,9 @@ def _carve_val(train: Dataset, labels: np.ndarray, cfg: Data) -> tuple[Dataset, 
 
 
 # ---------------------------------------------------------------- digits (offline default)
+@lru_cache(maxsize=4)
 def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits resized to size×size in [0,1] (cached: info() and load() both need them)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -22,6 +22,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the file and the reason."""
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextmanager
 def _atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +33,7 @@ def _atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

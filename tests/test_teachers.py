@@ -113,3 +113,4 @@ def test_safetensors_checkpoints_load(trained, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "t.safetensors")
     model = teachers.build_for("small_cnn", 8, teachers.datasets.info(cfg.data))
     io.load_into(model, tmp_path / "t.safetensors")
+

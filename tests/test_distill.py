@@ -175,6 +175,7 @@ def test_monitor_adds_curve_columns_only(root):
     {"aggregation": "pcgrad", "rob_target": "clean"},
     {"aggregation": "mtard", "lambda_rob_clean": 1.0, "discrepancy": "kl"},
     {"aggregation": "graddrop", "lambda_g_rob_oh": 1.0, "augment": False},
+    {"aggregation": "sga", "generator_opponent": "robust"},
 ])
 def test_derd_readings_run_and_are_recorded(root, reading):
     side = distill.train_student(micro_config(iterations=1, k_student=1, **reading), "derd", 0, root)
@@ -183,6 +184,8 @@ def test_derd_readings_run_and_are_recorded(root, reading):
     assert r["rob_target"] == ("T_rob(x)" if reading.get("rob_target") == "clean" else "T_rob(x_adv)")
     assert r["lambda_rob_clean"] == reading.get("lambda_rob_clean", 0.0)
     assert ("L_oh(T_rob(x))" in r["generator_objective"]) == bool(reading.get("lambda_g_rob_oh"))
+    opponent = "T_rob(x)" if reading.get("generator_opponent") == "robust" else "T_nat(x)"
+    assert f"D(S(x), {opponent})" in r["generator_objective"]
 
 
 @pytest.mark.parametrize("method", ["derd", "cmi", "dfard", "dafl"])

@@ -61,7 +61,8 @@ class DERD(Method):
         ctx, s2 = self.ctx, self.ctx.s2
         x = ctx.generate()
         stage_one = self.stage_one(x)
-        d = discrepancy(s2.discrepancy, ctx.student(x), stage_one.logits)
+        opponent = stage_one.logits if self.opponent_role == self.natural_role else self.robust(x)
+        d = discrepancy(s2.discrepancy, ctx.student(x), opponent)
         loss = stage_one.total - s2.lambda_d * d
         logs = {"g_discrepancy": d.detach(), **{f"g_{k}": v.detach() for k, v in stage_one.raw.items()}}
         if s2.lambda_g_rob_oh:
@@ -109,11 +110,16 @@ class DERD(Method):
             "sga_weights": "sum to 2, move at rate lambda_sga toward 2·r/Σr, r = loss / first-step loss",
         }
         if self.generator_source:
-            role = self.natural_role[:3]
+            role, opp = self.natural_role[:3], self.opponent_role[:3]
             extra = f" + {s2.lambda_g_rob_oh}·L_oh(T_rob(x))" if s2.lambda_g_rob_oh else ""
-            out.update({"generator_objective": f"L_G^I(x; T_{role}) − λd·D(S(x), T_{role}(x)){extra}",
+            out.update({"generator_objective": f"L_G^I(x; T_{role}) − λd·D(S(x), T_{opp}(x)){extra}",
                         "discrepancy": s2.discrepancy, "lambda_d": s2.lambda_d, "lambda_g_rob_oh": s2.lambda_g_rob_oh})
         return out
+
+    @property
+    def opponent_role(self) -> str:
+        """Whose logits the generator drives the student away from (``stage2.generator_opponent``)."""
+        return self.natural_role if self.ctx.s2.generator_opponent == "natural" else "robust"
 
     def hooks(self) -> list[Any]:
         return [self.stage_one] if self.stage_one is not None else []

@@ -42,10 +42,7 @@ def _atomic_path(path: Path):
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
-    path = Path(path)
-    with _atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    return path
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -53,10 +50,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return path
+    """Write UTF-8 text, atomically."""
+    return write_bytes(path, text.encode())
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

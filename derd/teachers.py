@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as datasets
-from .attacks import KLPGD, PGD
+from .attacks import KLPGD, PGD, eval_mode
 from .config import Config, NaturalTeacher, RobustTeacher
 from .io import CheckpointError, check_finite, load_into, read_json, save_artifact, sidecar_path, write_json
 from .models import Classifier, build_model
@@ -31,8 +31,6 @@ def build_for(arch: str, width: int, info: datasets.DatasetInfo) -> Classifier:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    from .attacks import eval_mode
-
     device = next(model.parameters()).device
     correct = 0
     with eval_mode(model):

@@ -173,8 +173,10 @@ class Stage2(Section):
     aggregation: Literal[AGGREGATIONS] = "sga"
     tau: float = Field(1.0, gt=0)
     rob_target: Literal["adv", "clean"] = "adv"
+    generator_init: Literal["stage1", "scratch"] = "stage1"  # [R] scratch = the w/o Stage-I ablation
     generator_opponent: Literal["natural", "robust"] = "natural"  # [R] expert the generator plays S against
     lambda_g_rob_oh: float = Field(0.0, ge=0)  # [R] generator also minimises L_oh under T_rob (0 = paper reading)
+    lambda_g_bn: float = Field(0.0, ge=0)  # [R] BatchNorm-statistics prior on every expert G reads (0 = paper)
     lambda_rob_clean: float = Field(0.0, ge=0)  # robust soft labels on clean samples, in the robust expert's loss
     augment: bool = True  # data.augment's crop+flip on pseudo data
     attack: Attack = Attack()

@@ -175,7 +175,8 @@ def test_monitor_adds_curve_columns_only(root):
     {"aggregation": "pcgrad", "rob_target": "clean"},
     {"aggregation": "mtard", "lambda_rob_clean": 1.0, "discrepancy": "kl"},
     {"aggregation": "graddrop", "lambda_g_rob_oh": 1.0, "augment": False},
-    {"aggregation": "sga", "generator_opponent": "robust"},
+    {"aggregation": "sga", "generator_opponent": "robust", "lambda_g_bn": 0.5},
+    {"aggregation": "sum", "generator_init": "scratch"},
 ])
 def test_derd_readings_run_and_are_recorded(root, reading):
     side = distill.train_student(micro_config(iterations=1, k_student=1, **reading), "derd", 0, root)
@@ -184,6 +185,9 @@ def test_derd_readings_run_and_are_recorded(root, reading):
     assert r["rob_target"] == ("T_rob(x)" if reading.get("rob_target") == "clean" else "T_rob(x_adv)")
     assert r["lambda_rob_clean"] == reading.get("lambda_rob_clean", 0.0)
     assert ("L_oh(T_rob(x))" in r["generator_objective"]) == bool(reading.get("lambda_g_rob_oh"))
+    assert ("L_BN(T_nat) + L_BN(T_rob)" in r["generator_objective"]) == bool(reading.get("lambda_g_bn"))
+    assert ("g_rob_bn" in side["final"]) == bool(reading.get("lambda_g_bn"))
+    assert r["generator"] == ("scratch (w/o Stage-I)" if reading.get("generator_init") else "stage1:natural")
     opponent = "T_rob(x)" if reading.get("generator_opponent") == "robust" else "T_nat(x)"
     assert f"D(S(x), {opponent})" in r["generator_objective"]
 

@@ -1,8 +1,10 @@
 """DERD and its two variants (METHOD.md "Stage-II" and "Variants").
 
 Generator step (data level): L_G^II = L_G^I(x; T_nat) − λd·D(S(x), T_nat(x)), D = mean L1 on logits
-(DFAD) or KL; the generator starts from the cached Stage-I artifact. [R] option: + λg_rob·L_oh(T_rob(x))
-(``lambda_g_rob_oh``) asks for samples the robust expert is confident about (0 = the paper's reading).
+(DFAD) or KL; the generator starts from the cached Stage-I artifact. [R] options (0 = the paper's reading):
++ λg_rob·L_oh(T_rob(x)) (``lambda_g_rob_oh``) asks for samples the robust expert is confident about;
++ λg_bn·(L_BN(T_nat) + L_BN(T_rob)) (``lambda_g_bn``) asks for samples whose per-layer statistics match
+both experts' BatchNorm running statistics (their real training data), like DFARD's BN prior.
 Student step (sample level + expert guidance), on detached x = G(z) (optional crop+flip):
   x_adv = label-free KL-PGD against S;
   L_nat = λnat·KL(σ_τ(T_nat(x)) ‖ σ_τ(S(x)))
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 
 from ..io import check_finite
-from ..losses import StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
+from ..losses import BNStatistics, StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
+from ..models import build_generator
 from ..sga import GradientAggregator
 from . import register_method
 from .loop import Context, Method
@@ -50,27 +53,52 @@ class DERD(Method):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         if self.generator_source:
-            ctx.set_generator(stage1_generator(ctx, self.generator_source.split(":")[1]))
+            ctx.set_generator(self.initial_generator())
         self.natural = ctx.teachers[self.natural_role]
         self.robust = ctx.teachers["robust"]
         self.aggregator = GradientAggregator(ctx.s2.aggregation, ctx.s2.lambda_sga, seed=ctx.seed)
         self.stage_one = StageOneLoss.from_config(self.natural, ctx.cfg.stage1) if self.generator_source else None
+        wants_bn = self.generator_source and ctx.s2.lambda_g_bn and self.natural is not self.robust
+        self.robust_bn = BNStatistics(self.robust) if wants_bn else None
+
+    def initial_generator(self) -> torch.nn.Module:
+        """The cached Stage-I generator, or a fresh one (``generator_init: scratch``, the w/o Stage-I ablation)."""
+        if self.ctx.s2.generator_init == "scratch":
+            g = self.ctx.cfg.stage1.generator
+            return build_generator(g.arch, g.nz, self.ctx.info.shape, g.width)
+        return stage1_generator(self.ctx, self.generator_source.split(":")[1])
 
     # ---------------------------------------------------------------- data level
     def generator_step(self, it: int) -> dict[str, Any]:
         ctx, s2 = self.ctx, self.ctx.s2
         x = ctx.generate()
         stage_one = self.stage_one(x)
-        opponent = stage_one.logits if self.opponent_role == self.natural_role else self.robust(x)
+        robust = self.robust_generator_view(x)
+        opponent = stage_one.logits if self.opponent_role == self.natural_role else robust
         d = discrepancy(s2.discrepancy, ctx.student(x), opponent)
         loss = stage_one.total - s2.lambda_d * d
         logs = {"g_discrepancy": d.detach(), **{f"g_{k}": v.detach() for k, v in stage_one.raw.items()}}
         if s2.lambda_g_rob_oh:
-            rob_oh = one_hot_loss(self.robust(x))
+            rob_oh = one_hot_loss(robust)
             loss = loss + s2.lambda_g_rob_oh * rob_oh
             logs["g_rob_oh"] = rob_oh.detach()
+        if s2.lambda_g_bn:
+            rob_bn = self.robust_bn.loss() if self.robust_bn is not None else None
+            loss = loss + s2.lambda_g_bn * (stage_one.raw["bn"] + (0.0 if rob_bn is None else rob_bn))
+            if rob_bn is not None:
+                logs["g_rob_bn"] = rob_bn.detach()
         ctx.update_generator(loss, it)
         return {"g_loss": loss.detach(), **logs}
+
+    def robust_generator_view(self, x: torch.Tensor) -> torch.Tensor | None:
+        """T_rob(x) with its BN distances recorded, when the generator objective reads it (else None)."""
+        s2 = self.ctx.s2
+        if not (self.opponent_role == "robust" or s2.lambda_g_rob_oh or self.robust_bn is not None):
+            return None
+        if self.robust_bn is None:
+            return self.robust(x)
+        with self.robust_bn.recording():
+            return self.robust(x)
 
     # ---------------------------------------------------------------- sample level + expert guidance
     def student_batch(self) -> torch.Tensor:
@@ -112,8 +140,12 @@ class DERD(Method):
         if self.generator_source:
             role, opp = self.natural_role[:3], self.opponent_role[:3]
             extra = f" + {s2.lambda_g_rob_oh}·L_oh(T_rob(x))" if s2.lambda_g_rob_oh else ""
+            bn_terms = f"L_BN(T_{role})" + (" + L_BN(T_rob)" if self.robust_bn is not None else "")
+            extra += f" + {s2.lambda_g_bn}·({bn_terms})" if s2.lambda_g_bn else ""
+            out["generator"] = "scratch (w/o Stage-I)" if s2.generator_init == "scratch" else self.generator_source
             out.update({"generator_objective": f"L_G^I(x; T_{role}) − λd·D(S(x), T_{opp}(x)){extra}",
-                        "discrepancy": s2.discrepancy, "lambda_d": s2.lambda_d, "lambda_g_rob_oh": s2.lambda_g_rob_oh})
+                        "discrepancy": s2.discrepancy, "lambda_d": s2.lambda_d, "lambda_g_rob_oh": s2.lambda_g_rob_oh,
+                        "lambda_g_bn": s2.lambda_g_bn})
         return out
 
     @property
@@ -122,7 +154,7 @@ class DERD(Method):
         return self.natural_role if self.ctx.s2.generator_opponent == "natural" else "robust"
 
     def hooks(self) -> list[Any]:
-        return [self.stage_one] if self.stage_one is not None else []
+        return [h for h in (self.stage_one, self.robust_bn) if h is not None]
 
     def state_dict(self) -> dict[str, Any]:
         return {"aggregator": self.aggregator.state_dict()}

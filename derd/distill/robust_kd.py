@@ -37,7 +37,7 @@ class DataFreeBaseline(Method):
         self.teacher = ctx.teachers["robust"]
         self.opts = ctx.s2.baselines
         g = ctx.cfg.stage1.generator
-        ctx.set_generator(build_generator(g.arch, g.nz, ctx.info.shape), self.extra_generator_params())
+        ctx.set_generator(build_generator(g.arch, g.nz, ctx.info.shape, g.width), self.extra_generator_params())
 
     def extra_generator_params(self) -> list[torch.nn.Parameter]:
         """Parameters trained with the generator's optimiser besides G's own (e.g. CMI's head)."""

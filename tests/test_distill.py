@@ -202,6 +202,15 @@ def test_teacher_hooks_are_removed_after_training(root, method, monkeypatch):
         seen.append(self)
 
     monkeypatch.setattr(distill.Context, "__init__", keep)
-    distill.train_student(micro_config(iterations=1, k_student=1), method, 0, root)
+    distill.train_student(micro_config(iterations=1, k_student=1, lambda_g_bn=0.1), method, 0, root)
     for teacher in seen[0].teachers.values():
         assert all(not m._forward_hooks for m in teacher.modules())
+
+
+def test_bn_prior_adds_both_experts_bn_distances_to_the_generator_loss(root):
+    def first_step(**reading):
+        return distill.train_student(micro_config(iterations=1, k_student=1, **reading), "derd", 0, root)["final"]
+
+    plain, with_bn = first_step(), first_step(lambda_g_bn=1.0)
+    assert "g_rob_bn" not in plain and with_bn["g_rob_bn"] > 0
+    assert with_bn["g_loss"] - plain["g_loss"] == pytest.approx(with_bn["g_bn"] + with_bn["g_rob_bn"], rel=1e-4)

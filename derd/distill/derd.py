@@ -1,7 +1,8 @@
 """DERD and its two variants (METHOD.md "Stage-II" and "Variants").
 
 Generator step (data level): L_G^II = L_G^I(x; T_nat) − λd·D(S(x), T_nat(x)), D = mean L1 on logits
-(DFAD) or KL; the generator starts from the cached Stage-I artifact. [R] options (0 = the paper's reading):
+(DFAD) or KL; the generator starts from the cached Stage-I artifact. [R] options (0 / first = the paper's
+reading): ``generator_opponent: robust`` compares S with T_rob in D; ``generator_init: scratch`` starts G fresh;
 + λg_rob·L_oh(T_rob(x)) (``lambda_g_rob_oh``) asks for samples the robust expert is confident about;
 + λg_bn·(L_BN(T_nat) + L_BN(T_rob)) (``lambda_g_bn``) asks for samples whose per-layer statistics match
 both experts' BatchNorm running statistics (their real training data), like DFARD's BN prior.

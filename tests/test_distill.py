@@ -214,3 +214,21 @@ def test_bn_prior_adds_both_experts_bn_distances_to_the_generator_loss(root):
     plain, with_bn = first_step(), first_step(lambda_g_bn=1.0)
     assert "g_rob_bn" not in plain and with_bn["g_rob_bn"] > 0
     assert with_bn["g_loss"] - plain["g_loss"] == pytest.approx(with_bn["g_bn"] + with_bn["g_rob_bn"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method, reading, forwards", [
+    ("derd_no_tnat", {"rob_target": "clean", "lambda_g_bn": 0.1, "generator_opponent": "robust"}, 2),
+    ("derd", {"rob_target": "clean", "lambda_g_bn": 0.1, "generator_opponent": "robust"}, 2),
+])
+def test_robust_teacher_is_forwarded_once_per_input(root, method, reading, forwards, monkeypatch):
+    """One generator step + one student step: T_rob reads G(z) once and the student batch x once."""
+    calls = []
+    original = distill.Context.__init__
+
+    def count(self, *a, **k):
+        original(self, *a, **k)
+        self.teachers["robust"].register_forward_hook(lambda *_: calls.append(1))
+
+    monkeypatch.setattr(distill.Context, "__init__", count)
+    distill.train_student(micro_config(iterations=1, k_student=1, **reading), method, 0, root)
+    assert len(calls) == forwards

@@ -74,8 +74,8 @@ class DERD(Method):
         ctx, s2 = self.ctx, self.ctx.s2
         x = ctx.generate()
         stage_one = self.stage_one(x)
-        robust = self.robust_generator_view(x)
-        opponent = stage_one.logits if self.opponent_role == self.natural_role else robust
+        robust = self.robust_logits_for_generator(x, stage_one.logits)
+        opponent = robust if self.opponent_role == "robust" else stage_one.logits
         d = discrepancy(s2.discrepancy, ctx.student(x), opponent)
         loss = stage_one.total - s2.lambda_d * d
         logs = {"g_discrepancy": d.detach(), **{f"g_{k}": v.detach() for k, v in stage_one.raw.items()}}
@@ -91,15 +91,15 @@ class DERD(Method):
         ctx.update_generator(loss, it)
         return {"g_loss": loss.detach(), **logs}
 
-    def robust_generator_view(self, x: torch.Tensor) -> torch.Tensor | None:
-        """T_rob(x) with its BN distances recorded, when the generator objective reads it (else None)."""
-        s2 = self.ctx.s2
-        if not (self.opponent_role == "robust" or s2.lambda_g_rob_oh or self.robust_bn is not None):
-            return None
-        if self.robust_bn is None:
-            return self.robust(x)
-        with self.robust_bn.recording():
-            return self.robust(x)
+    def robust_logits_for_generator(self, x: torch.Tensor, stage_one_logits: torch.Tensor) -> torch.Tensor | None:
+        """T_rob(x) for the generator objective: the Stage-I forward's logits when T_rob is the Stage-I
+        teacher, else one forward (recording T_rob's BN distances for the BN prior); None when unread."""
+        if self.natural is self.robust:
+            return stage_one_logits
+        if self.robust_bn is not None:
+            with self.robust_bn.recording():
+                return self.robust(x)
+        return self.robust(x) if (self.opponent_role == "robust" or self.ctx.s2.lambda_g_rob_oh) else None
 
     # ---------------------------------------------------------------- sample level + expert guidance
     def student_batch(self) -> torch.Tensor:
@@ -111,7 +111,9 @@ class DERD(Method):
         x_adv = ctx.adversarial(x)
         with torch.no_grad():
             t_nat = self.natural(x)
-            t_rob_clean = self.robust(x) if (s2.rob_target == "clean" or s2.lambda_rob_clean) else None
+            t_rob_clean = None
+            if s2.rob_target == "clean" or s2.lambda_rob_clean:  # w/o T_nat: T_rob(x) is t_nat already
+                t_rob_clean = t_nat if self.natural is self.robust else self.robust(x)
             t_rob = self.robust(x_adv) if s2.rob_target == "adv" else t_rob_clean
         ctx.student.train()
         s_clean, s_adv = ctx.student(x), ctx.student(x_adv)

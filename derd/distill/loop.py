@@ -42,6 +42,7 @@ class Context:
         self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, self.s2.iterations * self.s2.k_student)
         self.generator: nn.Module | None = None
         self.generator_params: list[nn.Parameter] = []
+        self.generator_extra: list[nn.Parameter] = []  # trainable parts of the objective beside G (CMI's head)
         self.opt_g: torch.optim.Optimizer | None = None
         self.monitor_data: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -49,7 +50,8 @@ class Context:
     def set_generator(self, generator: nn.Module, extra_params: Sequence[nn.Parameter] = ()) -> None:
         """Install the generator (and any extra trainable parts of the generator objective)."""
         self.generator = generator.to(self.device).train()
-        self.generator_params = [*generator.parameters(), *extra_params]
+        self.generator_extra = list(extra_params)
+        self.generator_params = [*generator.parameters(), *self.generator_extra]
         self.opt_g = torch.optim.Adam(self.generator_params, lr=self.s2.lr_generator)
 
     def sample_z(self, n: int) -> torch.Tensor:
@@ -62,7 +64,7 @@ class Context:
     @torch.no_grad()
     def pseudo_batch(self) -> torch.Tensor:
         """Detached G(z) for student steps, with the optional crop+flip."""
-        return self.augment(self.generator(self.sample_z(self.s2.batch_size)))
+        return self.augment(self.generate())
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if not self.s2.augment:
@@ -199,7 +201,7 @@ def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float, par
     }
     if ctx.generator is not None:
         state["generator"] = ctx.generator.state_dict()
-        state["generator_extra"] = [p.detach() for p in ctx.generator_params[len(list(ctx.generator.parameters())):]]
+        state["generator_extra"] = [p.detach() for p in ctx.generator_extra]
         state["opt_g"] = ctx.opt_g.state_dict()
     return state
 
@@ -213,9 +215,8 @@ def _restore(ctx: Context, method: Method, state: dict) -> None:
     method.load_state_dict(state["method"])
     if ctx.generator is not None:
         ctx.generator.load_state_dict(state["generator"])
-        n = len(list(ctx.generator.parameters()))
         with torch.no_grad():
-            for p, v in zip(ctx.generator_params[n:], state["generator_extra"]):
+            for p, v in zip(ctx.generator_extra, state["generator_extra"]):
                 p.copy_(v)
         ctx.opt_g.load_state_dict(state["opt_g"])
 

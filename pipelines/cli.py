@@ -9,6 +9,10 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from derd.config import Config
 
 STAGES = {
     "teachers": "load or train the natural and robust teachers",
@@ -82,14 +86,14 @@ def prefect_environment(root: str | Path) -> None:
         os.environ.setdefault(key, value)
 
 
-def _where(args: argparse.Namespace) -> None:
+def _where(cfg: Config, root: str) -> None:
     """After a full run: where the report is and how to see the runs."""
-    from derd import config
+    from derd.runtime import Paths
 
     from . import tracking
 
-    reports = Path(args.root).resolve() / "reports"
-    uri = tracking.tracking_uri(config.load(args.params), args.root)
+    reports = Paths(Path(root).resolve()).reports
+    uri = tracking.tracking_uri(cfg, root)
     print(f"\nReport: {reports / 'report.html'} (open it in a browser; Markdown: {reports / 'report.md'})")
     print(f"MLflow: run `derd ui` and open http://127.0.0.1:5000 (store {uri})")
 
@@ -119,20 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "preset":
             return _preset(args.name, args.params)
-        if args.command == "ui":
-            from derd import config
-
-            from . import tracking
-
-            return tracking.ui(config.load(args.params), args.root, args.port)
         from derd import config
 
-        config.load(args.params)  # a bad params file fails here, before Prefect starts
+        cfg = config.load(args.params)  # a bad params file fails here, before Prefect starts
+        if args.command == "ui":
+            from . import tracking
+
+            return tracking.ui(cfg, args.root, args.port)
         prefect_environment(args.root)
         flows = importlib.import_module("pipelines.flows")
         getattr(flows, f"{args.command}_flow")(params=args.params, root=args.root)
         if args.command in ("report", "pipeline"):
-            _where(args)
+            _where(cfg, args.root)
         return 0
     except (ConfigError, DataError, CheckpointError, ReportError) as exc:
         print(f"derd {args.command}: {exc}", file=sys.stderr)

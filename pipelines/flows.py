@@ -25,11 +25,11 @@ from derd.runtime import log
 
 from . import tracking
 
-# DVC decides what reruns; Prefect's own result cache stays off so it never skips work DVC asked for.
+# Every task: DVC decides what reruns; Prefect's own result cache stays off so it never skips work DVC asked for.
 stage_task = task(cache_policy=NO_CACHE, persist_result=False)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retries=3, retry_delay_seconds=10)
+@stage_task(retries=3, retry_delay_seconds=10)
 def fetch_data(cfg: Config) -> str:
     """Make sure the dataset is readable (downloading it when ``data.download``); I/O, so it retries."""
     return datasets.load(cfg.data).info.name
@@ -71,7 +71,7 @@ def report(cfg: Config, root: Path) -> dict:
     return reporting.run(cfg, root)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
+@stage_task(retries=2, retry_delay_seconds=5)
 def track(cfg: Config, root: Path, stage: str, result: Mapping[str, Any], seconds: float,
           final_metrics: Mapping[str, float] | None = None) -> dict:
     return tracking.log_stage(cfg, root, stage, result, seconds, final_metrics)

@@ -45,4 +45,4 @@ BY_NAME = {s.name: s for s in STAGES}
 
 def upstream(name: str) -> tuple[Stage, ...]:
     """The stages that run before ``name`` in the DAG."""
-    return STAGES[: [s.name for s in STAGES].index(name)]
+    return STAGES[: STAGES.index(BY_NAME[name])]

@@ -13,7 +13,6 @@ where ``<project>`` is the real project even when DVC runs the stage in an exper
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -25,7 +24,7 @@ from typing import Any
 
 from derd.config import Config
 from derd.io import read_json, versions, write_json
-from derd.report import git_commit
+from derd.report import git_commit, read_rows
 
 from .stages import BY_NAME, Stage, upstream
 
@@ -122,8 +121,7 @@ def curve_metrics(stage: Stage, root: Path) -> list[tuple[str, float, int]]:
     """Step metrics of a stage: its per-step CSVs (prefixed by the file's name) and sidecar histories."""
     out = []
     for path in stage.files(root, "curves"):
-        with open(path, newline="") as f:
-            out.extend(row_metrics(csv.DictReader(f), f"{path.stem}/"))
+        out.extend(row_metrics(read_rows(path), f"{path.stem}/"))
     for path in stage.files(root, "sidecars"):
         history = read_json(path).get("history")
         if isinstance(history, list) and history and isinstance(history[0], dict):
@@ -220,7 +218,7 @@ class Tracker:
             "derd.stage_hash": self.cfg.section_hash(*stage.sections) if stage.sections else base["derd.params_hash"],
         }).info.run_id
         data = self.cfg.model_dump(mode="json")
-        params = flatten({k: data[k] for k in stage.sections}) if stage.sections else {}
+        params = flatten({k: data[k] for k in stage.sections})
         final = [(metric_name(k), v, 0) for k, v in (final_metrics or {}).items()]
         metrics = [(k, v, 0) for k, v in numeric_leaves(result).items()] + final
         metrics.append(("stage_seconds", round(seconds, 3), 0))

@@ -14,6 +14,7 @@ import csv
 import html
 import io
 import math
+import os
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -47,7 +48,6 @@ class Row:
     """One line of the table: a reference model or a method aggregated over its seeds."""
 
     label: str
-    kind: str  # teacher | reference | student
     values: dict[str, list[float]]  # column -> one value per seed
     models: list[str]
     suspect: list[str]  # "model: failed checks"
@@ -105,10 +105,10 @@ def table_rows(evaluation: dict) -> list[Row]:
         values = {c: [float(r[c])] for c in COLUMNS if c in r}
         unchecked = int(not r.get("sanity"))
         if r.get("kind") != "student":
-            refs.append(Row(r["model"], r.get("kind", "reference"), values, [r["model"]], flag, unchecked))
+            refs.append(Row(r["model"], values, [r["model"]], flag, unchecked))
             continue
         method = r.get("method") or r["model"].rsplit("-seed", 1)[0]
-        row = methods.setdefault(method, Row(METHOD_LABELS.get(method, method), "student", {}, [], []))
+        row = methods.setdefault(method, Row(METHOD_LABELS.get(method, method), {}, [], []))
         for c, v in values.items():
             row.values.setdefault(c, []).extend(v)
         row.models.append(r["model"])
@@ -278,8 +278,6 @@ def _as_text(body: object) -> str:
 
 
 def _relative(path: Path, start: Path) -> str:
-    import os
-
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 

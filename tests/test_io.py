@@ -21,3 +21,5 @@ def test_check_finite_names_what_and_when():
     io.check_finite(torch.tensor(1.0), "loss")
     with pytest.raises(FloatingPointError, match="L_rob became non-finite at step 7"):
         io.check_finite(torch.tensor(float("nan")), "L_rob", 7)
+    with pytest.raises(FloatingPointError, match=r"L_nat became non-finite \(\[1.0, inf\]\)"):
+        io.check_finite(torch.tensor([1.0, float("inf")]), "L_nat")  # one bad entry is enough

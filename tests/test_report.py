@@ -52,10 +52,12 @@ def test_html_has_every_model_aggregated_and_embeds_every_image(root):
     assert 'class="suspect"><th>DAFL' in table and "dafl-seed0: eps1_chance" in table
     assert table[table.index("<th>CMI</th>"):].split("</tr>")[0].endswith("<td>not run</td>")
     assert table[table.index("<th>SAT</th>"):].split("</tr>")[0].endswith("<td>pass</td>")
+    assert "<th>Nature</th><td>90.00</td>" in table  # one value: no ± std
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
     assert len(images) == result["figures"] == 4  # ε-curves, samples, Stage-I and Stage-II curves
     assert not re.search(r'src="(?!data:)', page), "the HTML must not reference external files"
-    for section in ("Reconstructed choices", "Environment", "pyautoattack 0.2.0", "stage2.aggregation"):
+    for section in ("Reconstructed choices", "Environment", "pyautoattack 0.2.0", "stage2.aggregation",
+                    "reading[derd]:\n  aggregation: sga"):
         assert section in page
     md = (root / "reports" / "report.md").read_text()
     assert "| DERD | 72.00 ± 2.83 |" in md and "](../plots/eps_curve.png)" in md
@@ -69,3 +71,10 @@ def test_table_metrics_are_per_model_and_column(root):
 def test_missing_evaluation_is_a_clear_error(tmp_path):
     with pytest.raises(report.ReportError, match=r"metrics/eval.json: not found; run `derd evaluate`"):
         report.run(config.parse({}), tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "not valid JSON"), ('{"rows": 3}', "has no 'rows' list")])
+def test_unusable_evaluation_is_a_clear_error(tmp_path, text, message):
+    write_text(Paths(tmp_path).metrics / "eval.json", text)
+    with pytest.raises(report.ReportError, match=rf"eval.json: {message}.*rerun `derd evaluate`"):
+        report.load_eval(tmp_path)

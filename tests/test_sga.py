@@ -62,6 +62,8 @@ def test_state_dict_resumes_the_same_stream():
     big = [torch.randn(500)], [torch.randn(500)]
     a = sga.GradientAggregator("sga", 0.1, seed=0)
     a(*big, losses=(1.0, 1.0))
+    a(*big, losses=(1.0, 3.0))
+    assert not torch.equal(a.weights, torch.ones(2))  # so a lost weight would show
     b = sga.GradientAggregator("sga", 0.1, seed=99)
     b.load_state_dict(a.state_dict())
     out_a, _ = a(*big, losses=(2.0, 1.0))
@@ -80,6 +82,10 @@ def test_weights_move_at_rate_lambda_sga(strategy):
     target = torch.tensor([2 * 1 / 1.5, 2 * 0.5 / 1.5])
     assert torch.allclose(agg.weights, torch.ones(2) + rate * (target - 1), atol=1e-7)
     assert agg.weights.sum().item() == pytest.approx(2.0)
+    w = agg.weights.clone()
+    out, stats = agg(*AGREE, losses=(2.0, 2.0))  # agreeing signs: the mask keeps every weighted entry
+    assert [stats["w_nat"], stats["w_rob"]] == pytest.approx(w.tolist())
+    assert torch.allclose(flat(out), w[0] * flat(AGREE[0]) + w[1] * flat(AGREE[1]))
 
 
 def test_unweighted_strategies_keep_unit_weights():

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet100")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet100")
 ARCHITECTURES = (
     "small_cnn", "small_resnet", "resnet18", "resnet34", "preact_resnet18", "wrn34_10",
     "mobilenet_v2", "resnet18_imagenet", "resnet50_imagenet",
@@ -42,6 +42,7 @@ class Data(Section):
     download: bool = False  # let torchvision download CIFAR into root
     image_size: int = Field(16, ge=8)  # digits are resized to this square; ImageNet crops to it
     test_fraction: float = Field(0.25, gt=0, lt=1)  # digits only: stratified held-out test split
+    train_subset: int | None = Field(None, ge=10)  # fashion_mnist: stratified seeded subset of the training split (null = all)
     val_fraction: float = Field(0.1, ge=0, lt=1)  # carved from training data, for tuning
     split_seed: int = 0
     augment: Augment = Augment()

@@ -1,12 +1,16 @@
 """Dataset registry: every dataset yields [0,1] image tensors and reports its shape and statistics.
 
-``digits`` (the offline default) ships inside scikit-learn; ``cifar10``/``cifar100`` use the
-torchvision loaders (with their real download code); ``imagenet100`` reads an ImageFolder root.
+``digits`` (the offline default) ships inside scikit-learn; ``fashion_mnist`` reads the four
+standard IDX files (Debian's ``dataset-fashion-mnist`` package, or torchvision's download);
+``cifar10``/``cifar100`` use the torchvision loaders (with their real download code);
+``imagenet100`` reads an ImageFolder root.
 Augmentation is applied batch-wise on tensors (:func:`augment_batch`) so that the same code
 serves real images and Stage-II pseudo images.
 """
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -103,6 +107,143 @@ def _digits_info(cfg: Data) -> DatasetInfo:
     return DatasetInfo("digits", (1, cfg.image_size, cfg.image_size), 10, mean, std)
 
 
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+FASHION_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_DEFAULT_ROOTS = ("data", "auto", "")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _fashion_candidates(root: str) -> list[Path]:
+    """Folders searched for the IDX files, in order.
+
+    The default root (``data`` / ``auto``) means: the system package's folder, then torchvision's
+    layout ``data/FashionMNIST/raw``. Any root may hold the files itself or under ``FashionMNIST/raw``.
+    """
+    if root in _DEFAULT_ROOTS:
+        return [FASHION_SYSTEM_ROOT, Path("data") / "FashionMNIST" / "raw", Path("data")]
+    return [Path(root), Path(root) / "FashionMNIST" / "raw"]
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fashion_folder(root: str) -> Path | None:
+    for folder in _fashion_candidates(root):
+        if all(_idx_file(folder, stem) for stem in FASHION_FILES.values()):
+            return folder
+    return None
+
+
+def _fashion_missing(root: str) -> DataError:
+    searched = ", ".join(str(p.resolve()) for p in _fashion_candidates(root))
+    names = ", ".join(f"{s}[.gz]" for s in FASHION_FILES.values())
+    return DataError(
+        f"fashion_mnist: the four IDX files ({names}) were not found; searched {searched}. Get them with "
+        f"`apt-get install -y dataset-fashion-mnist` (puts them in {FASHION_SYSTEM_ROOT}; keep data.root: data "
+        f"or point data.root there), or set data.download: true (torchvision download into "
+        f"<data.root>/FashionMNIST/raw, needs internet)."
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one IDX file (gzipped or not) into an array; a malformed file raises :class:`DataError`."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable gzip file ({exc}); delete it and fetch it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(dims)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: truncated or malformed IDX data ({len(raw)} bytes, header {dims} needs {expected})")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _fashion_part(folder: Path, images: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
+    x_path, y_path = _idx_file(folder, FASHION_FILES[images]), _idx_file(folder, FASHION_FILES[labels])
+    x, y = read_idx(x_path), read_idx(y_path)
+    if x.ndim != 3 or x.dtype != np.uint8:
+        raise DataError(f"{x_path}: expected N×H×W unsigned bytes, got shape {x.shape} of {x.dtype}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{y_path}: expected {len(x)} labels (one per image in {x_path.name}), got shape {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{y_path}: labels must lie in 0..9, found {int(y.min())}..{int(y.max())}")
+    return x, y
+
+
+@lru_cache(maxsize=4)
+def _fashion_tensors(folder: str, size: int) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test) in [0,1], resized to size×size (cached: info() and load())."""
+    out: list[torch.Tensor] = []
+    for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
+        x, y = _fashion_part(Path(folder), images, labels)
+        xt = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
+        if xt.shape[-2:] != (size, size):
+            xt = F.interpolate(xt, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        out += [xt.contiguous(), torch.from_numpy(y.astype(np.int64))]
+    return tuple(out)
+
+
+def _fashion_resolve(cfg: Data) -> Path:
+    folder = _fashion_folder(cfg.root)
+    if folder is None and cfg.download:
+        import torchvision
+
+        root = Path(cfg.root or "data")
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+            torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+        except (RuntimeError, OSError) as exc:
+            raise DataError(f"fashion_mnist: torchvision download into {root.resolve()} failed ({exc}); "
+                            f"offline, use `apt-get install -y dataset-fashion-mnist` instead") from None
+        folder = _fashion_folder(str(root)) or _fashion_folder(cfg.root)
+    if folder is None:
+        raise _fashion_missing(cfg.root)
+    return folder
+
+
+def _train_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Indices of a stratified, seeded subset of n training examples (all of them when n is None)."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed)
+    return np.sort(keep)
+
+
+@register_dataset("fashion_mnist")
+def _fashion_mnist(cfg: Data) -> Splits:
+    x_train, y_train, x_test, y_test = _fashion_tensors(str(_fashion_resolve(cfg)), cfg.image_size)
+    keep = torch.from_numpy(_train_subset(y_train.numpy(), cfg.train_subset, cfg.split_seed))
+    x_train, y_train = x_train[keep], y_train[keep]
+    train, val = _carve_val(TensorDataset(x_train, y_train), y_train.numpy(), cfg)
+    return Splits(_fashion_info(cfg), train, val, TensorDataset(x_test, y_test))
+
+
+def _fashion_info(cfg: Data) -> DatasetInfo:
+    x_train, _, _, _ = _fashion_tensors(str(_fashion_resolve(cfg)), cfg.image_size)
+    mean, std = _channel_stats(x_train)  # all training images (the statistics do not depend on the subset)
+    return DatasetInfo("fashion_mnist", (1, cfg.image_size, cfg.image_size), 10, mean, std)
+
+
 # ---------------------------------------------------------------- CIFAR-10 / CIFAR-100
 _CIFAR = {
     "cifar10": ("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
@@ -183,6 +324,7 @@ def _imagenet_info(cfg: Data) -> DatasetInfo:
 
 _INFOS: dict[str, Callable[[Data], DatasetInfo]] = {
     "digits": _digits_info,
+    "fashion_mnist": _fashion_info,
     "cifar10": _cifar_info,
     "cifar100": _cifar_info,
     "imagenet100": _imagenet_info,

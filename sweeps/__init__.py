@@ -1,0 +1,1 @@
+"""Calibration sweeps run by hand (``python -m sweeps.<name>``); their results live in ``docs/``."""

@@ -108,3 +108,141 @@ def test_imagenet100_missing_class_folder_is_named(tmp_path):
 def test_imagenet100_missing_root_explains_layout(tmp_path):
     with pytest.raises(data.DataError, match="classes.txt"):
         data.load(Data(name="imagenet100", root=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (fake IDX files)
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX format: two zero bytes, dtype code 0x08 (ubyte), ndim, big-endian uint32 dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def _write_fashion(folder, n_train=200, n_test=30, size=28, gz=True, seed=0):
+    """Fake Fashion-MNIST: class c images are filled with 20*c + noise, so labels are recoverable."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(y)
+        x = (20 * y[:, None, None] + rng.integers(0, 10, (n, size, size))).astype(np.uint8)
+        parts[split] = (x, y)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            name, payload = f"{split}-{kind}-ubyte", _idx_bytes(arr)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (folder / name).write_bytes(payload)
+    return parts
+
+
+def test_read_idx_roundtrip_gzipped_and_plain(tmp_path):
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(_idx_bytes(arr))
+    import gzip
+
+    (tmp_path / "a.gz").write_bytes(gzip.compress(_idx_bytes(arr)))
+    assert np.array_equal(data.read_idx(tmp_path / "a"), arr)
+    assert np.array_equal(data.read_idx(tmp_path / "a.gz"), arr)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_reads_idx_files(tmp_path, gz):
+    parts = _write_fashion(tmp_path / "fm", gz=gz)
+    cfg = Data(name="fashion_mnist", root=str(tmp_path / "fm"), image_size=28, val_fraction=0.1)
+    splits = data.load(cfg)
+    assert splits.info.shape == (1, 28, 28) and splits.info.num_classes == 10 and splits.info.name == "fashion_mnist"
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 30)
+    # test = the official t10k set, in file order and unresized at the native 28x28
+    x_test, y_test = data.first_n(splits.test, 30)
+    assert torch.equal(y_test, torch.from_numpy(parts["t10k"][1].astype(np.int64)))
+    assert torch.allclose(x_test[:, 0], torch.from_numpy(parts["t10k"][0] / 255.0).float())
+    # val: stratified (2 of each class), disjoint from train, seeded
+    _, y_val = data.first_n(splits.val, 20)
+    assert torch.bincount(y_val, minlength=10).tolist() == [2] * 10
+    assert not set(splits.train.indices) & set(splits.val.indices)
+    assert data.load(cfg).val.indices == splits.val.indices
+    assert data.load(cfg.model_copy(update={"split_seed": 1})).val.indices != splits.val.indices
+    # statistics come from the training images
+    x_all = torch.from_numpy(parts["train"][0] / 255.0).float()
+    assert abs(splits.info.mean[0] - x_all.mean().item()) < 1e-4
+    assert abs(splits.info.std[0] - x_all.std().item()) < 1e-3
+    assert data.info(cfg) == splits.info
+
+
+def test_fashion_mnist_resizes_and_subsets(tmp_path):
+    _write_fashion(tmp_path / "FashionMNIST" / "raw", gz=False)  # torchvision's layout under root
+    cfg = Data(name="fashion_mnist", root=str(tmp_path), image_size=16, train_subset=100, val_fraction=0.2)
+    splits = data.load(cfg)
+    assert splits.info.shape == (1, 16, 16)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (80, 20, 30)
+    x, y = data.first_n(splits.train, 80)
+    assert x.shape == (80, 1, 16, 16) and 0 <= x.min() and x.max() <= 1
+    assert torch.bincount(y, minlength=10).tolist() == [8] * 10  # subset and val both stratified
+    # bilinear + antialias keeps each fake image's level (class c ≈ (20c + 4.5) / 255)
+    assert torch.allclose(x.mean(dim=(1, 2, 3)), (20 * y + 4.5) / 255.0, atol=0.01)
+    a, b = data.load(cfg), data.load(cfg.model_copy(update={"split_seed": 3}))
+    assert torch.equal(data.first_n(a.train, 80)[0], x)
+    assert not torch.equal(data.first_n(b.train, 80)[0], x)
+
+
+def test_fashion_mnist_default_root_prefers_the_system_package(tmp_path, monkeypatch):
+    _write_fashion(tmp_path / "system", n_train=100, n_test=10)
+    monkeypatch.setattr(data, "FASHION_SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.chdir(tmp_path)
+    splits = data.load(Data(name="fashion_mnist", image_size=28))
+    assert len(splits.test) == 10 and len(splits.train) + len(splits.val) == 100
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_SYSTEM_ROOT", tmp_path / "no-system")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError) as err:
+        data.load(Data(name="fashion_mnist"))
+    msg = str(err.value)
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "data.download: true" in msg
+    assert str((tmp_path / "no-system").resolve()) in msg
+    assert str((tmp_path / "data" / "FashionMNIST" / "raw").resolve()) in msg
+    with pytest.raises(data.DataError, match="elsewhere"):
+        data.load(Data(name="fashion_mnist", root=str(tmp_path / "elsewhere")))
+
+
+def test_fashion_mnist_download_goes_through_torchvision(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_fashion(root, train, download):
+        calls.append((root, train, download))
+        _write_fashion(tmp_path / "dl" / "FashionMNIST" / "raw", n_train=100, n_test=10, gz=False)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_fashion)
+    splits = data.load(Data(name="fashion_mnist", root=str(tmp_path / "dl"), download=True, image_size=28))
+    assert calls and all(c[2] for c in calls) and calls[0][0] == str(tmp_path / "dl")
+    assert len(splits.test) == 10
+
+
+@pytest.mark.parametrize("damage", ["truncated_gz", "truncated_data", "bad_magic"])
+def test_fashion_mnist_corrupt_file_is_named(tmp_path, damage):
+    import gzip
+
+    folder = tmp_path / damage
+    _write_fashion(folder)
+    target = folder / "train-images-idx3-ubyte.gz"
+    payload = gzip.decompress(target.read_bytes())
+    if damage == "truncated_gz":
+        target.write_bytes(target.read_bytes()[:200])
+    elif damage == "truncated_data":
+        target.write_bytes(gzip.compress(payload[:-100]))
+    else:
+        target.write_bytes(gzip.compress(b"\x00\x00\x07\x03" + payload[4:]))
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz"):
+        data.load(Data(name="fashion_mnist", root=str(folder), image_size=28))
+
+
+def test_fashion_mnist_label_count_must_match(tmp_path):
+    folder = tmp_path / "fm"
+    _write_fashion(folder, gz=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(7, dtype=np.uint8)))
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte"):
+        data.load(Data(name="fashion_mnist", root=str(folder)))

@@ -6,6 +6,8 @@ values raise :class:`ConfigError` with one line per problem naming the key path,
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -256,6 +258,18 @@ class Config(Section):
             raise ValueError("stage1.inversion.pool_size: must be > 0 when stage2.methods includes derd_inv")
         return self
 
+    @model_validator(mode="after")
+    def _values_fit_together(self) -> Config:
+        """Cross-key rules caught at parse time, before any teacher trains (one line per problem)."""
+        problems = [*_duplicates(self), *_generator_size(self)]
+        dfard = self.stage2.baselines.dfard
+        if dfard.tau_min > dfard.tau_max:
+            problems.append(f"stage2.baselines.dfard.tau_min: must be ≤ stage2.baselines.dfard.tau_max, got "
+                            f"tau_min={dfard.tau_min} > tau_max={dfard.tau_max} (swap them)")
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named top-level sections (all of them when none given)."""
         data = self.model_dump(mode="json")
@@ -273,7 +287,87 @@ _MESSAGES = {
     "literal_error": "must be one of {expected}, got {input!r}",
     "too_short": "must list at least {min_length} item(s)",
     "missing": "is required",
+    "int_parsing": "must be an integer, got {input!r}",
+    "int_from_float": "must be a whole number, got {input!r}",
+    "int_type": "must be an integer, got {input!r}",
+    "float_parsing": "must be a number, got {input!r}",
+    "float_type": "must be a number, got {input!r}",
+    "bool_parsing": "must be true or false, got {input!r}",
+    "bool_type": "must be true or false, got {input!r}",
+    "string_type": "must be a string, got {input!r}",
+    "list_type": "must be a list (YAML `[a, b]` or one `- item` per line), got {input!r}",
+    "model_type": "must be a section (a mapping of keys), got {input!r}",
+    "model_attributes_type": "must be a section (a mapping of keys), got {input!r}",
+    "dict_type": "must be a mapping, got {input!r}",
 }
+
+# datasets whose images keep their native size whatever data.image_size says (see derd/data.py)
+NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
+
+
+def image_size(cfg: Config) -> int:
+    """The side of the images the pipeline works on (what a generator must produce)."""
+    return NATIVE_IMAGE_SIZE.get(cfg.data.name, cfg.data.image_size)
+
+
+def _generator_sizes(arch: str, up_to: int = 1024) -> list[int] | None:
+    """The image sides ``arch`` can produce (derd/models/generator.py); None = any."""
+    if arch == "dafl":  # linear head to (H/4, W/4), then two x2 upsamplings
+        return list(range(8, up_to + 1, 4))
+    if arch == "dcgan":  # 7x7 seed, then x2 transposed convolutions (at least one)
+        return [7 * 2**k for k in range(1, 8) if 7 * 2**k <= up_to]
+    return None
+
+
+def _generator_size(cfg: Config) -> list[str]:
+    arch, size = cfg.stage1.generator.arch, image_size(cfg)
+    sizes = _generator_sizes(arch)
+    if sizes is None or size in sizes:
+        return []
+    rule = {"dafl": "a multiple of 4", "dcgan": "7·2^k, e.g. 28, 56, 112 or 224"}[arch]
+    near = sorted(sizes, key=lambda s: (abs(s - size), s))[:2]
+    if cfg.data.name in NATIVE_IMAGE_SIZE:
+        fits = [a for a in GENERATORS if (_generator_sizes(a) or [size]).count(size)]
+        return [(f"stage1.generator.arch: {arch} cannot produce the {size}x{size} images of data.name="
+                 f"{cfg.data.name} (it needs {rule}); use {' or '.join(fits) or 'another generator'}")]
+    return [(f"data.image_size: {size} cannot be produced by stage1.generator.arch={arch} (it needs {rule}); "
+             f"use {' or '.join(map(str, sorted(near)))}")]
+
+
+def _duplicates(cfg: Config) -> list[str]:
+    out = []
+    for key, values in (("stage2.seeds", cfg.stage2.seeds), ("stage2.methods", cfg.stage2.methods),
+                        ("eval.autoattack.attacks", cfg.eval.autoattack.attacks)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if twice:
+            out.append(f"{key}: lists {', '.join(map(str, twice))} more than once; list each once, got {values}")
+    return out
+
+
+# the one radius shared by the robust teacher, Stage-II's attack and the evaluation
+EPS_KEYS = ("teachers.robust.attack.eps", "stage2.attack.eps", "eval.eps")
+
+
+def check_pipeline(cfg: Config, source: str = "params") -> Config:
+    """Rules for a params file the pipeline runs (library code may mix settings on purpose): the
+    robust teacher, Stage-II and the evaluation use one ε."""
+    values = {key: functools.reduce(getattr, key.split("."), cfg) for key in EPS_KEYS}
+    if max(values.values()) - min(values.values()) > 1e-6:
+        listed = ", ".join(f"{k}={v:g}" for k, v in values.items())
+        raise ConfigError(f"invalid configuration in {source}: {listed} differ; the robust teacher, the "
+                          "distillation attack and the evaluation must share one ε: set all three to the same value")
+    return cfg
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The field names of the section that holds ``loc`` (for did-you-mean hints)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -284,6 +378,9 @@ def _describe(err: dict[str, Any]) -> str:
     template = _MESSAGES.get(err["type"])
     if template:
         text = template.format(input=err.get("input"), **ctx)
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(tuple(err["loc"])), n=1)
+            text += f"; did you mean {close[0]!r}?" if close else ""
     else:
         text = f"{err['msg'].removeprefix('Value error, ')}, got {err.get('input')!r}"
     return f"{path}: {text}"
@@ -298,8 +395,9 @@ def parse(raw: Any, source: str = "params") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines)) from None
+        lines = [line for e in exc.errors() for line in _describe(e).split("\n  ")]
+        sep = "\n  " if len(lines) > 1 else " "  # one problem, one line
+        raise ConfigError(f"invalid configuration in {source}:{sep}" + "\n  ".join(lines)) from None
 
 
 def load(path: str | Path = "params.yaml") -> Config:
@@ -308,7 +406,38 @@ def load(path: str | Path = "params.yaml") -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); is --params pointing at the "
+                          "right file?") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse(raw, str(path))
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    return check_pipeline(parse(raw, str(path)), str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where (line:column, 1-based) and what, e.g. ``line 2, column 3: expected ',' or ']'``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    if context and getattr(exc, "problem", None):
+        what = f"{' '.join(context.split())}: {what}"
+    if "'\\t'" in what:
+        what += " (YAML indents with spaces, not tabs)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first on line {seen[key].line + 1}); keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)

@@ -5,9 +5,11 @@ Every ``x.pt`` has a sidecar ``x.json``. Checkpoints are plain tensor dicts load
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -22,21 +24,40 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the file and the reason."""
 
 
+class ArtifactWriteError(OSError):
+    """An artifact could not be written (disk full, permissions); the previous version is untouched."""
+
+    def __str__(self) -> str:  # the message alone (``errno``/``filename`` are attributes, not in the text)
+        return str(self.args[0]) if self.args else ""
+
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
 @contextmanager
 def _atomic_path(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """A temp file beside ``path``, renamed over it when the body succeeds. Any OS failure (a full disk:
+    ENOSPC) removes the temp file, leaves the previous ``path`` as it was and raises
+    :class:`ArtifactWriteError` naming ``path``."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        if isinstance(exc, ArtifactWriteError):
+            raise
+        kept = "the previous version is unchanged" if path.exists() else "nothing was written"
+        err = ArtifactWriteError(f"{path}: could not write it ({exc.strerror or exc}); {kept}. "
+                                 "Free some disk space (or fix the folder's permissions) and rerun")
+        err.errno, err.filename = exc.errno, str(path)
+        raise err from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -65,8 +86,10 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def save_tensors(path: str | Path, tensors: Mapping[str, Any]) -> Path:
     """Save a (nested) dict of tensors/numbers atomically with ``torch.save``."""
     path = Path(path)
+    buffer = io.BytesIO()  # serialise first: torch's zip writer reports a full disk as a RuntimeError
+    torch.save(dict(tensors), buffer)
     with _atomic_path(path) as tmp:
-        torch.save(dict(tensors), tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return path
 
 
@@ -85,7 +108,9 @@ def load_tensors(path: str | Path) -> dict:
     """Load a checkpoint without unpickling code: safetensors, or ``torch.load(weights_only=True)``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        what = "is a directory, not a checkpoint file" if path.is_dir() else f"checkpoint not found{where}"
+        raise CheckpointError(f"{path}: {what}; check the path")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -97,9 +122,11 @@ def load_tensors(path: str | Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Unsupported global" in text:
+        blocked = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|global) ([\w.]+)", text)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text or "Weights only load failed" in text:
+            what = f" ({blocked.group(1)})" if blocked else ""
             raise CheckpointError(
-                f"{path}: refusing to unpickle it: it holds Python objects (a full pickled model?), "
+                f"{path}: refusing to unpickle it: it holds Python objects{what} (a full pickled model?), "
                 "not a plain state dict. Re-save it with torch.save(model.state_dict(), path)."
             ) from None
         reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if text.strip() else type(exc).__name__
@@ -152,10 +179,30 @@ def load_into(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
         raise CheckpointError(
-            f"{path}: does not fit the configured architecture {type(model).__name__}: " + "; ".join(parts)
+            f"{path}: does not fit the configured architecture {type(model).__name__}{_sidecar_says(path)}: "
+            + "; ".join(parts)
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path}: holds non-finite values (NaN/inf) in {bad[:3]}{' …' if len(bad) > 3 else ''}; the run "
+            "that wrote it diverged: retrain it, or point at an earlier checkpoint"
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _sidecar_says(path: str | Path) -> str:
+    """What the file's sidecar records about its data, to explain a mismatch ('' without a sidecar)."""
+    try:
+        meta = read_json(sidecar_path(path))
+    except (OSError, ValueError):
+        return ""
+    facts = [f"{k}={meta[k]}" for k in ("dataset", "num_classes", "shape", "arch") if isinstance(meta, dict) and k in meta]
+    if not facts:
+        return ""
+    return (f" (its sidecar {sidecar_path(path).name} says {', '.join(facts)}: it was made for other data or "
+            "another model; rerun the stage that writes it, or set data/arch in params to match)")
 
 
 def versions() -> dict[str, str]:

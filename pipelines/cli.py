@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="derd", description="DERD: data-free experts-guided robustness distillation",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback (and Prefect's) instead of one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGES.items():
         s = sub.add_parser(name, help=text, description=text)
@@ -112,14 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_run_name)
     for chatty in ("httpx", "httpcore", "alembic"):  # one line per API call / migration otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    from derd.config import ConfigError
-    from derd.data import DataError
-    from derd.io import CheckpointError
-    from derd.report import ReportError
-
     # SIGTERM (a killed `dvc repro`, CI timeouts) unwinds like Ctrl-C: Prefect stops its temporary server,
     # `derd ui` its MLflow process group
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    factory = logging.getLogRecordFactory()
+    if not args.debug:  # errors arrive as one line below; log records (Prefect's too) drop their tracebacks
+        logging.setLogRecordFactory(_without_traceback(factory))
     try:
         if args.command == "preset":
             return _preset(args.name, args.params)
@@ -130,18 +130,98 @@ def main(argv: list[str] | None = None) -> int:
             from . import tracking
 
             return tracking.ui(cfg, args.root, args.port)
+        from . import tracking
+
+        tracking.check_store(cfg, args.root)  # an unwritable MLflow store fails now, not after training
+        _check_prefect_api()
         prefect_environment(args.root)
         flows = importlib.import_module("pipelines.flows")
         getattr(flows, f"{args.command}_flow")(params=args.params, root=args.root)
         if args.command in ("report", "pipeline"):
             _where(cfg, args.root)
         return 0
-    except (ConfigError, DataError, CheckpointError, ReportError) as exc:
-        print(f"derd {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:
-        print(f"derd {args.command}: {exc}", file=sys.stderr)
-        return 3
+    except Exception as exc:
+        if args.debug:
+            raise
+        code, message = explain(exc, args.command)
+        print(f"derd {args.command}: {message}", file=sys.stderr)
+        return code
+    finally:
+        logging.setLogRecordFactory(factory)
+
+
+class PrefectUnreachable(ConnectionError):
+    """PREFECT_API_URL names a server that does not answer."""
+
+
+def _check_prefect_api(timeout: float = 5.0) -> None:
+    """With PREFECT_API_URL set, make sure a server answers before a stage starts (Prefect itself fails
+    deep inside the flow engine with a traceback)."""
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if not url:
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # a server answered (whatever it said); Prefect reports version problems itself
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise PrefectUnreachable(
+            f"PREFECT_API_URL={url}: no Prefect server answers ({reason}); start one with `prefect server start`, "
+            "or unset PREFECT_API_URL so that each command starts a temporary server") from None
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def explain(exc: BaseException, command: str) -> tuple[int, str]:
+    """Exit status and message for an error that reached the CLI: 2 bad input (params, data, checkpoint,
+    missing file, unwritable store, unreachable server, full disk), 3 a non-finite loss, 1 anything else."""
+    from derd.config import ConfigError
+    from derd.data import DataError
+    from derd.io import CheckpointError
+    from derd.report import ReportError
+
+    from .tracking import TrackingError
+
+    if isinstance(exc, FloatingPointError):
+        return 3, _one_line(exc)
+    if isinstance(exc, ConfigError):
+        return 2, str(exc)  # one line per problem
+    if isinstance(exc, (DataError, CheckpointError, ReportError, TrackingError, PrefectUnreachable)):
+        return 2, _one_line(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+        if exc.filename and exc.strerror and str(exc.filename) not in str(exc.strerror):
+            return 2, _one_line(f"{exc.filename}: {exc.strerror}")
+        return 2, _one_line(exc)
+    text = str(exc)
+    if "Failed to reach API" in text or type(exc).__name__ in ("ConnectError", "ConnectTimeout") \
+            or isinstance(exc, ConnectionError):
+        url = os.environ.get("PREFECT_API_URL") or "the Prefect API"
+        return 2, _one_line(f"cannot reach {url} ({text or type(exc).__name__}); start it with `prefect server "
+                            "start`, or unset PREFECT_API_URL so that each command starts a temporary server")
+    if isinstance(exc, ValueError | TypeError | KeyError | RuntimeError | NotImplementedError):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return 1, _one_line(f"{type(exc).__name__}: {first} (rerun as `derd --debug {command}` for the traceback)")
+    return 1, _one_line(f"unexpected {type(exc).__name__}: {text} (rerun as `derd --debug {command}` for the "
+                        "traceback)")
+
+
+def _without_traceback(factory):
+    """A log-record factory that keeps the message and drops attached tracebacks (``exc_info``, stack)."""
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record
+
+    return make
+
 
 
 if __name__ == "__main__":

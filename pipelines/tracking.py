@@ -273,8 +273,54 @@ def log_stage(cfg: Config, root: str | Path, stage_name: str, result: Mapping[st
     try:
         return Tracker(cfg, root).log_stage(stage, result, seconds, final_metrics)
     except Exception as exc:  # any MLflow/SQLAlchemy/OS failure: the caller reports it and keeps the outputs
-        reason = f"{type(exc).__name__}: {exc}"
-        raise TrackingError(f"MLflow could not record stage {stage_name!r} in {uri}: {reason}") from exc
+        raise TrackingError(f"MLflow could not record stage {stage_name!r} in {uri}: {_reason(exc)}; fix the "
+                            "store (or set tracking.enabled: false)") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an MLflow/SQLAlchemy error (theirs run over several, with SQL and links)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = re.sub(r"^\([\w.]+\) ", "", text)  # SQLAlchemy's "(sqlite3.DatabaseError) " prefix
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` (a file or folder that may not exist yet) cannot be written, or None."""
+    import os
+
+    if path.exists():
+        if path.is_file() and not os.access(path, os.W_OK):
+            return f"{path} is read-only"
+        folder = path if path.is_dir() else path.parent
+    else:
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    return None
+
+
+def check_store(cfg: Config, root: str | Path) -> None:
+    """Raise :class:`TrackingError` (one line) before a stage runs when the configured local MLflow store
+    (SQLite database and its artifact folder, or a file store) cannot be written. Servers are not probed."""
+    if not cfg.tracking.enabled:
+        return
+    uri = tracking_uri(cfg, root)
+    if uri.startswith("sqlite:///"):
+        targets = [Path(uri.removeprefix("sqlite:///")), artifact_root(root)]
+    elif uri.startswith("file:") or "://" not in uri:
+        targets = [Path(uri.removeprefix("file://").removeprefix("file:"))]
+    else:
+        return
+    for target in targets:
+        problem = _unwritable(target)
+        if problem:
+            raise TrackingError(f"tracking.uri: the MLflow store {uri} cannot be written ({problem}); point "
+                                "tracking.uri at a writable place, or set tracking.enabled: false")
 
 
 def log_failure(cfg: Config, root: str | Path, stage_name: str, error: BaseException) -> str | None:

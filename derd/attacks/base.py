@@ -1,10 +1,13 @@
 """What every attack shares: device handling, [0,1] + eps-ball projection, eval mode and its restore."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+log = logging.getLogger("derd")
 
 
 @contextmanager
@@ -51,17 +54,30 @@ class Attack:
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, finite) per example. Non-finite logits (or a non-finite adversarial input) never count
+    as correct: argmax over NaN would otherwise pick an arbitrary class and could match the label."""
     with eval_mode(model):
-        return (model(x).argmax(1) == y.to(x.device)).cpu()
+        logits = model(x)
+    finite = torch.isfinite(logits).all(1) & torch.isfinite(x.flatten(1)).all(1)
+    return ((logits.argmax(1) == y.to(x.device)) & finite).cpu(), finite.cpu()
 
 
 def robust_flags(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
                  batch_size: int = 256) -> torch.Tensor:
-    """Per-example booleans: is ``model`` still correct on ``attack(x)`` (on ``x`` when attack is None)?"""
+    """Per-example booleans: is ``model`` still correct on ``attack(x)`` (on ``x`` when attack is None)?
+
+    Examples whose logits are NaN/inf are flagged False (not robust) and a warning counts them."""
     device = model_device(model)
-    out = []
+    out, bad = [], 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        out.append(_correct(model, attack(xb, yb) if attack is not None else xb, yb))
+        correct, finite = _correct(model, attack(xb, yb) if attack is not None else xb, yb)
+        out.append(correct)
+        bad += int((~finite).sum())
+    if bad:
+        what = type(attack).__name__ if attack is not None else "clean inputs"
+        log.warning("%s produced non-finite logits (NaN/inf) on %d of %d examples under %s; they are counted "
+                    "as not robust (wrong). Check the model's weights and inputs.", type(model).__name__, bad,
+                    len(x), what)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)

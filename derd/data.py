@@ -231,7 +231,7 @@ def _train_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 
 @register_dataset("fashion_mnist")
 def _fashion_mnist(cfg: Data) -> Splits:
-    x_train, y_train, x_test, y_test = _fashion_tensors(str(_fashion_resolve(cfg)), cfg.image_size)
+    x_train, y_train, x_test, y_test = _fashion_tensors(str(_fashion_resolve(cfg).resolve()), cfg.image_size)
     keep = torch.from_numpy(_train_subset(y_train.numpy(), cfg.train_subset, cfg.split_seed))
     x_train, y_train = x_train[keep], y_train[keep]
     train, val = _carve_val(TensorDataset(x_train, y_train), y_train.numpy(), cfg)
@@ -239,7 +239,7 @@ def _fashion_mnist(cfg: Data) -> Splits:
 
 
 def _fashion_info(cfg: Data) -> DatasetInfo:
-    x_train, _, _, _ = _fashion_tensors(str(_fashion_resolve(cfg)), cfg.image_size)
+    x_train, _, _, _ = _fashion_tensors(str(_fashion_resolve(cfg).resolve()), cfg.image_size)
     mean, std = _channel_stats(x_train)  # all training images (the statistics do not depend on the subset)
     return DatasetInfo("fashion_mnist", (1, cfg.image_size, cfg.image_size), 10, mean, std)
 

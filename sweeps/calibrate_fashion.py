@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # training progress lines
     out = args.out or (Path(tempfile.mkdtemp(prefix="calibrate_fashion_")) if args.quick else ROOT / "docs")
     out.mkdir(parents=True, exist_ok=True)
     grid = QUICK if args.quick else GRID

@@ -22,7 +22,7 @@ ARCHITECTURES = (
     "mobilenet_v2", "resnet18_imagenet", "resnet50_imagenet",
 )
 GENERATORS = ("dafl", "dcgan")
-METHODS = ("derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard")
+METHODS = ("derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard", "rslad_real")
 AGGREGATIONS = ("sga", "sum", "pcgrad", "graddrop", "mtard")
 
 class ConfigError(ValueError):

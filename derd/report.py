@@ -29,7 +29,7 @@ from .runtime import Paths, resolve_device
 COLUMNS = ("Clean", "FGSM", "PGD_S", "PGD_T", "CW", "AA", "Ave")
 # The supplementary's row order and labels (Table 1); methods not listed follow in config order.
 METHOD_LABELS = {"dafl": "DAFL", "dfad": "DFAD", "zskt": "ZSKT", "cmi": "CMI", "dfard": "DFARD-style",
-                 "derd_inv": "DERD_inv", "derd_no_tnat": "w/o T_nat", "derd": "DERD"}
+                 "derd_inv": "DERD_inv", "derd_no_tnat": "w/o T_nat", "derd": "DERD", "rslad_real": "RSLAD-real (data-ful)"}
 # Reconstructed [R] choices of METHOD.md that are configuration keys (the report prints which ran).
 RECONSTRUCTED = (
     "stage1.generator.arch", "stage1.ie_log_base", "stage2.k_student", "stage2.discrepancy", "stage2.aggregation",

@@ -53,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--root", default=".")
     ui.add_argument("--params", default="params.yaml")
+    sw = sub.add_parser("sweep", help="queue one DVC experiment per row of a sweep file (sweeps/README.md)",
+                        description="queue (and with --run, run) one DVC experiment per row of a sweep file")
+    sw.add_argument("file", help="a sweep file, e.g. sweeps/fashion_comparison.yaml")
+    sw.add_argument("--run", action="store_true", help="then run the queue (dvc queue start) and wait for it")
+    sw.add_argument("--jobs", type=int, default=1, help="experiments run in parallel with --run (default: 1)")
+    sw.add_argument("--params", default="params.yaml")
+    tb = sub.add_parser("table", help="render a sweep's experiments into docs/RESULTS.md",
+                        description="collect a sweep's DVC experiments into a markdown table")
+    tb.add_argument("file", help="the sweep file the experiments were queued from")
+    tb.add_argument("--out", default="docs/RESULTS.md", help="markdown file holding the table (default: docs/RESULTS.md)")
+    tb.add_argument("--rev", help="baseline commit of the experiments (default: HEAD)")
+    tb.add_argument("--params", default="params.yaml")
     return p
 
 
@@ -123,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "preset":
             return _preset(args.name, args.params)
+        if args.command == "sweep":
+            from . import sweep
+
+            return sweep.sweep_command(args.file, Path("."), args.params, args.run, args.jobs)
+        if args.command == "table":
+            from . import sweep
+
+            return sweep.table_command(args.file, Path("."), args.params, args.out, args.rev)
         from derd import config
 
         cfg = config.load(args.params)  # a bad params file fails here, before Prefect starts

@@ -70,7 +70,7 @@ def run(cfg: Config, root: Path = Path("."), train: Callable[..., dict[str, Any]
     return results
 
 
-from . import cmi, dafl, derd, dfad, dfard, zskt  # noqa: E402,F401  (fill the registry)
+from . import cmi, dafl, derd, dfad, dfard, rslad_real, zskt  # noqa: E402,F401  (fill the registry)
 
 __all__ = ["Context", "Method", "register_method", "registered_methods", "get_method", "train_student", "run",
            "params_hash"]

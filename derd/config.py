@@ -10,6 +10,7 @@ import difflib
 import functools
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,12 +26,34 @@ GENERATORS = ("dafl", "dcgan")
 METHODS = ("derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard", "rslad_real")
 AGGREGATIONS = ("sga", "sum", "pcgrad", "graddrop", "mtard")
 
+# keys that say where inputs live or how a run is logged, not what is computed: never part of a params hash
+WHERE_NOT_WHAT = ("data.root", "data.download", "device", "tracking")
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (key paths included)."""
 
 
+_READS: set[str] | None = None  # the keys read since trace_reads() (None: not tracing)
+_PATHS: dict[int, str] = {}  # id of each traced section -> its dotted path
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if _READS is not None and not name.startswith("_") and name in type(self).model_fields:
+            path = _PATHS.get(id(self))
+            if path is not None and not isinstance(value, Section):
+                _READS.add(f"{path}.{name}" if path else name)
+        return value
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        out = super().model_dump(**kwargs)
+        if _READS is not None and (path := _PATHS.get(id(self))) is not None:
+            _READS.update(f"{path}.{k}" if path else k for k in _leaves(out))
+        return out
 
 
 class Augment(Section):
@@ -44,7 +67,7 @@ class Data(Section):
     download: bool = False  # let torchvision download CIFAR into root
     image_size: int = Field(16, ge=8)  # digits are resized to this square; ImageNet crops to it
     test_fraction: float = Field(0.25, gt=0, lt=1)  # digits only: stratified held-out test split
-    train_subset: int | None = Field(None, ge=10)  # fashion_mnist: stratified seeded subset of the training split (null = all)
+    train_subset: int | None = Field(None, ge=10)  # stratified seeded subset of the training split before val is carved (null = all)
     val_fraction: float = Field(0.1, ge=0, lt=1)  # carved from training data, for tuning
     split_seed: int = 0
     augment: Augment = Augment()
@@ -80,7 +103,6 @@ class RobustTeacher(NaturalTeacher):
 class Teachers(Section):
     natural: NaturalTeacher = NaturalTeacher()
     robust: RobustTeacher = RobustTeacher()
-    eval_pgd_steps: int = Field(20, ge=1)  # PGD steps for the sidecar's robust accuracy
 
 
 class Generator(Section):
@@ -98,7 +120,7 @@ class Inversion(Section):
 
 class Stage1(Section):
     generator: Generator = Generator()
-    robust_generator: bool = True  # also warm a generator up on the robust teacher (derd_no_tnat)
+    generators: list[Literal["natural", "robust"]] = Field(["natural", "robust"], min_length=1)  # teachers warmed on
     iterations: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.01, gt=0)  # Adam
@@ -221,6 +243,7 @@ class Sanity(Section):
 
 
 class Eval(Section):
+    split: Literal["val", "test"] = "test"  # choices are made on val; numbers are reported on test
     eps: float = Field(0.2, ge=0, le=1)
     n_examples: int = Field(500, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -252,8 +275,11 @@ class Config(Section):
     @model_validator(mode="after")
     def _stage1_provides_what_stage2_needs(self) -> Config:
         methods = self.stage2.methods
-        if "derd_no_tnat" in methods and not self.stage1.robust_generator:
-            raise ValueError("stage1.robust_generator: must be true when stage2.methods includes derd_no_tnat")
+        if "derd_no_tnat" in methods and "robust" not in self.stage1.generators:
+            raise ValueError("stage1.generators: must include robust when stage2.methods includes derd_no_tnat")
+        if "natural" not in self.stage1.generators and "derd" in methods and self.stage2.generator_init == "stage1":
+            raise ValueError("stage1.generators: must include natural when stage2.methods includes derd "
+                             "(with stage2.generator_init: stage1)")
         if "derd_inv" in methods and self.stage1.inversion.pool_size == 0:
             raise ValueError("stage1.inversion.pool_size: must be > 0 when stage2.methods includes derd_inv")
         return self
@@ -270,12 +296,65 @@ class Config(Section):
             raise ValueError("\n  ".join(problems))
         return self
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable short hash of the named top-level sections (all of them when none given)."""
-        data = self.model_dump(mode="json")
-        chosen = {k: data[k] for k in (sections or sorted(data))}
-        blob = json.dumps(chosen, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+    def stage1_units(self) -> list[str]:
+        """Stage-I's units of work (one DVC stage each): a generator per stage1.generators teacher, the pool."""
+        return [f"generator_{role}" for role in self.stage1.generators] + ["inversion_pool"]
+
+    def student_units(self) -> list[str]:
+        """Stage-II's units of work (one DVC stage each): ``<method>-seed<k>``, the student's file stem."""
+        return [f"{m}-seed{s}" for m in self.stage2.methods for s in self.stage2.seeds]
+
+    def section_hash(self, *keys: str, exclude: tuple[str, ...] = ()) -> str:
+        """Stable short hash of the named keys (sections or dotted paths; all when none given) without the
+        dotted paths in ``exclude`` and :data:`WHERE_NOT_WHAT`. Traced as a read of every key it hashes."""
+        leaves = _leaves(BaseModel.model_dump(self, mode="json"))
+        chosen = {k: v for k, v in leaves.items()
+                  if _under(k, keys or ("",)) and not _under(k, (*exclude, *WHERE_NOT_WHAT))}
+        if _READS is not None:
+            _READS.update(chosen)
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(not p or key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+# ---------------------------------------------------------------- read tracing (what a stage really depends on)
+def trace_reads() -> set[str]:
+    """Record from now on which keys of every config loaded are read (attribute reads, dumps, hashes);
+    returns the live set. The pipeline's dependency test compares them with each stage's dvc.yaml params."""
+    global _READS
+    _READS = set()
+    return _READS
+
+
+def _register(section: Section, path: str = "") -> None:
+    _PATHS[id(section)] = path
+    for name in type(section).model_fields:
+        child = object.__getattribute__(section, name)
+        if isinstance(child, Section):
+            _register(child, f"{path}.{name}" if path else name)
+
+
+@contextmanager
+def untraced():
+    """Reads inside (MLflow bookkeeping logs every key but computes no output) are not recorded."""
+    global _READS
+    saved, _READS = _READS, None
+    try:
+        yield
+    finally:
+        _READS = saved
 
 
 _MESSAGES = {
@@ -393,11 +472,14 @@ def parse(raw: Any, source: str = "params") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         lines = [line for e in exc.errors() for line in _describe(e).split("\n  ")]
         sep = "\n  " if len(lines) > 1 else " "  # one problem, one line
         raise ConfigError(f"invalid configuration in {source}:{sep}" + "\n  ".join(lines)) from None
+    if _READS is not None:
+        _register(cfg)
+    return cfg
 
 
 def load(path: str | Path = "params.yaml") -> Config:
@@ -412,7 +494,9 @@ def load(path: str | Path = "params.yaml") -> Config:
                           "right file?") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
-    return check_pipeline(parse(raw, str(path)), str(path))
+    cfg = parse(raw, str(path))
+    with untraced():  # validation is not a dependency of what a stage computes
+        return check_pipeline(cfg, str(path))
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

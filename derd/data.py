@@ -76,8 +76,11 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
 
 
 def _carve_val(train: Dataset, labels: np.ndarray, cfg: Data) -> tuple[Dataset, Dataset]:
-    keep, val = _stratified_split(labels, cfg.val_fraction, cfg.split_seed + 1)
-    return Subset(train, keep.tolist()), Subset(train, val.tolist())
+    """(train, val) from the training data: the stratified, seeded ``data.train_subset`` of it (all when null),
+    then a stratified ``data.val_fraction`` of that held out as val."""
+    pool = _train_subset(labels, cfg.train_subset, cfg.split_seed)
+    keep, val = _stratified_split(labels[pool], cfg.val_fraction, cfg.split_seed + 1)
+    return Subset(train, pool[keep].tolist()), Subset(train, pool[val].tolist())
 
 
 # ---------------------------------------------------------------- digits (offline default)
@@ -232,8 +235,6 @@ def _train_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 @register_dataset("fashion_mnist")
 def _fashion_mnist(cfg: Data) -> Splits:
     x_train, y_train, x_test, y_test = _fashion_tensors(str(_fashion_resolve(cfg).resolve()), cfg.image_size)
-    keep = torch.from_numpy(_train_subset(y_train.numpy(), cfg.train_subset, cfg.split_seed))
-    x_train, y_train = x_train[keep], y_train[keep]
     train, val = _carve_val(TensorDataset(x_train, y_train), y_train.numpy(), cfg)
     return Splits(_fashion_info(cfg), train, val, TensorDataset(x_test, y_test))
 

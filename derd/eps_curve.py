@@ -6,7 +6,6 @@ multiple, eps, accuracy in percent) and ``plots/eps_curve.png``.
 """
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from torch import nn
 from .attacks import PGD, robust_flags
 from .config import Eval
 from .eval_store import FlagStore
-from .io import write_text
+from .curves import write_rows
+from .io import write_bytes
 
 
 def multiples(ev: Eval) -> list[float]:
@@ -42,13 +42,9 @@ def eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev: Eval, seed
 
 def write_curves(curves: dict[str, list[dict]], plots: Path) -> None:
     """CSV (percent) and PNG of every model's ε-curve."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "multiple", "eps", "accuracy"])
-    for name, points in curves.items():
-        for p in points:
-            w.writerow([name, p["multiple"], f"{p['eps']:.6g}", f"{100 * p['accuracy']:.2f}"])
-    write_text(plots / "eps_curve.csv", buf.getvalue())
+    write_rows(plots / "eps_curve.csv", [{"model": name, "multiple": p["multiple"], "eps": f"{p['eps']:.6g}",
+                                          "accuracy": f"{100 * p['accuracy']:.2f}"}
+                                         for name, points in curves.items() for p in points])
 
     import matplotlib
 
@@ -62,8 +58,7 @@ def write_curves(curves: dict[str, list[dict]], plots: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    plots.mkdir(parents=True, exist_ok=True)
-    tmp = plots / ".eps_curve.png.tmp"
-    fig.savefig(tmp, format="png", dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(plots / "eps_curve.png")
+    write_bytes(plots / "eps_curve.png", buf.getvalue())

@@ -1,9 +1,10 @@
 """Per-example robust flags of one model, saved after every attack so an evaluation resumes.
 
-``metrics/eval_flags/<model>.json`` holds, for each attack name, the settings it ran with, one 0/1
+``artifacts/eval_flags/<model>-<key>.json`` holds, for each attack name, the settings it ran with, one 0/1
 flag per evaluated example (1 = still correctly classified), its runtime and any extra record (e.g.
-AutoAttack's warnings). The file is keyed by a hash of the weights and the examples: a changed model
-or test subset starts over, a changed attack setting reruns that attack only. ``indices`` names the
+AutoAttack's warnings). The file is keyed by the weights, the examples, the attack code and the
+AutoAttack package and version: a change to any of them starts over, a changed attack setting reruns
+that attack only. ``indices`` names the
 test-split examples, so flags of shards evaluated on disjoint indices merge exactly.
 """
 from __future__ import annotations

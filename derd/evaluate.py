@@ -8,8 +8,9 @@ Models: the teachers as the supplementary's ``Nature`` and ``SAT`` rows, the opt
 - ``metrics/eval.json``: ``rows`` (one per model) with the paper's column names in **percent**,
   ``Ave`` = mean of all six columns including Clean, ``runtime_s`` per column, ``sanity`` flags,
   ``suspect`` and the AutoAttack package/version that ran; plus the settings used.
-- ``metrics/eval_flags/<model>.json``: per-example flags (resume, exact shard merging);
-  ``<model>.aa.json``: AutoAttack's per-attack state.
+- ``artifacts/eval_flags/<model>-<key>.json`` (in the project, also for DVC experiment copies):
+  per-example flags keyed by weights, examples, attack code and AutoAttack version (resume, exact
+  shard merging, reuse across experiments); ``<model>-<key>.aa.json``: AutoAttack's per-attack state.
 - ``metrics/eval_table.md``: the table in the paper's layout; ``plots/eps_curve.{csv,png}``.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .config import Config, Eval, RobustTeacher
 from .eps_curve import eps_curve, write_curves
 from .eval_store import FlagStore
 from .io import CheckpointError, load_into, read_json, save_artifact, sidecar_path, write_json, write_text
+from .resume import code_hash
 from .runtime import Paths, log, resolve_device, seed_everything
 from .sanity import CHECKS, run_checks
 from .teachers import build_for, load_teacher, train_teacher
@@ -71,7 +73,8 @@ def sat_student(cfg: Config, root: Path, splits: datasets.Splits, device: torch.
     robust, student = cfg.teachers.robust, cfg.stage2.student
     spec = RobustTeacher(arch=student.arch, width=student.width, method=robust.method, trades_beta=robust.trades_beta,
                          train=robust.train, attack=robust.attack)
-    blob = json.dumps({"seed": cfg.seed, "data": cfg.data.model_dump(), "spec": spec.model_dump()}, sort_keys=True)
+    blob = json.dumps({"seed": cfg.seed, "data": cfg.data.model_dump(), "spec": spec.model_dump(),
+                       "code": code_hash()}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     path = Paths(root).root / "artifacts" / "reference" / "sat_student.pt"
     model = build_for(student.arch, student.width, splits.info).to(device)
@@ -104,17 +107,38 @@ def models_to_evaluate(cfg: Config, root: Path, splits: datasets.Splits, device:
     if cfg.eval.sat_student:
         out.append(Evaluated("SAT student", "reference", sat_student(cfg, root, splits, device),
                              {"arch": cfg.stage2.student.arch}))
-    students = sorted(Paths(root).students.glob("*.pt")) if Paths(root).students.is_dir() else []
-    return out + [_student(p, splits.info, device) for p in students]
+    return out + [_student(p, splits.info, device) for p in recorded_students(cfg, root)]
+
+
+def recorded_students(cfg: Config, root: Path) -> list[Path]:
+    """Exactly the students of stage2.methods × stage2.seeds (leftover files of other runs are ignored)."""
+    paths = Paths(root)
+    wanted = [paths.students / f"{unit}.pt" for unit in cfg.student_units()]
+    missing = [str(p) for p in wanted if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{', '.join(missing)}: student(s) of stage2.methods × stage2.seeds not found; "
+                              "run `derd distill` (or `dvc repro`) first")
+    return wanted
 
 
 # ---------------------------------------------------------------- one model
+EVAL_CODE = ("attacks", "sanity.py", "eps_curve.py", "eval_store.py")  # the code that computes stored flags
+
+
+def flags_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev: Eval) -> str:
+    """What stored flags are valid for: weights, examples, the attack code and the AutoAttack package."""
+    _, package, version = backend(ev.autoattack.package)
+    return f"{fingerprint(model, x, y)}:{code_hash(*EVAL_CODE)}:{package}=={version}"
+
+
 def evaluate_model(item: Evaluated, x: torch.Tensor, y: torch.Tensor, cfg: Config, flags_dir: Path,
                    num_classes: int) -> tuple[dict, list[dict]]:
     """The table row of one model and its ε-curve; every attack's flags are cached in ``flags_dir``."""
     ev, seed, model = cfg.eval, cfg.seed, item.model
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.name)
-    store = FlagStore(flags_dir / f"{slug}.json", fingerprint(model, x, y), list(range(len(x))))
+    key = flags_key(model, x, y, ev)
+    store = FlagStore(flags_dir / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json", key,
+                      list(range(len(x))))
     flags, seconds = {}, {}
     for column, attack in white_box(ev, model, seed).items():
         flags[column], seconds[column], _ = store.run(column, _settings(ev, column, seed, len(x)),
@@ -125,7 +149,7 @@ def evaluate_model(item: Evaluated, x: torch.Tensor, y: torch.Tensor, cfg: Confi
 
     def autoattack() -> tuple[torch.Tensor, dict]:
         runner = AutoAttack(model, ev.eps, aa_cfg.version, aa_cfg.attacks, seed, aa_cfg.batch_size,
-                            flags_dir / f"{slug}.aa.json", aa_cfg.package)
+                            store.path.with_suffix(".aa.json"), aa_cfg.package)
         r = runner.run(x[:n_aa], y[:n_aa])
         return r.robust, {"package": r.package, "package_version": r.package_version, "version": r.version,
                           "attacks": r.attacks, "warnings": r.warnings, "accuracy_after": r.accuracy_after,
@@ -168,7 +192,7 @@ def markdown_table(rows: list[dict], ev: Eval, aa_note: str) -> str:
         verdict = ("**suspect**: " + ", ".join(failed)) if failed else ("pass" if r["sanity"] else "not run")
         cells = " | ".join(f"{r[c]:.2f}" for c in (*COLUMNS, AVE))
         lines.append(f"| {r['model']} | {cells} | {verdict} |")
-    note = (f"\nL∞ ε = {ev.eps:.6g} on {rows[0]['n'] if rows else 0} test examples; {aa_note}. "
+    note = (f"\nL∞ ε = {ev.eps:.6g} on {rows[0]['n'] if rows else 0} {ev.split} examples; {aa_note}. "
             "Ave = mean of all six columns including Clean.\n")
     return "\n".join(lines) + "\n" + note
 
@@ -180,18 +204,18 @@ def run(cfg: Config, root: Path = Path("."),
     ev, paths = cfg.eval, Paths(root)
     device = resolve_device(cfg.device)
     splits = datasets.load(cfg.data)
-    x, y = datasets.first_n(splits.test, ev.n_examples)
+    x, y = datasets.first_n(getattr(splits, ev.split), ev.n_examples)
     _, package, package_version = backend(ev.autoattack.package)
     rows, curves = [], {}
     for item in models_to_evaluate(cfg, root, splits, device):
-        row, curve = evaluate_one(item, x, y, cfg, paths.metrics / "eval_flags", splits.info.num_classes)
+        row, curve = evaluate_one(item, x, y, cfg, paths.eval_flags, splits.info.num_classes)
         rows.append(row)
         curves[item.name] = curve
     n_aa = min(ev.autoattack.n_examples or len(x), len(x))
     attacks = "standard" if ev.autoattack.version == "standard" else "custom: " + ", ".join(ev.autoattack.attacks)
     aa_note = f"AA = {package} {package_version} ({attacks}) on the first {n_aa} examples"
     result = {
-        "units": "percent", "columns": [*COLUMNS, AVE], "eps": ev.eps, "n_examples": len(x),
+        "units": "percent", "columns": [*COLUMNS, AVE], "eps": ev.eps, "split": ev.split, "n_examples": len(x),
         "dataset": splits.info.name, "settings": ev.model_dump(), "seed": cfg.seed,
         "autoattack": {"package": package, "version": package_version, "aa_version": ev.autoattack.version,
                        "n_examples": n_aa},

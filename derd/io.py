@@ -5,6 +5,7 @@ Every ``x.pt`` has a sidecar ``x.json``. Checkpoints are plain tensor dicts load
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -93,6 +94,15 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Any]) -> Path:
     return path
 
 
+def file_hash(path: str | Path) -> str:
+    """Short SHA-256 of a file's bytes (an input's identity in resume keys and sidecars)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
@@ -123,7 +133,7 @@ def load_tensors(path: str | Path) -> dict:
     except Exception as exc:
         text = str(exc)
         blocked = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|global) ([\w.]+)", text)
-        if "Unsupported global" in text or "unsupported GLOBAL" in text or "Weights only load failed" in text:
+        if "Unsupported global" in text or "unsupported GLOBAL" in text or blocked:
             what = f" ({blocked.group(1)})" if blocked else ""
             raise CheckpointError(
                 f"{path}: refusing to unpickle it: it holds Python objects{what} (a full pickled model?), "

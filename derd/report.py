@@ -10,13 +10,11 @@ environment (versions, AutoAttack package, seed, device, git commit). Figures re
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
 import os
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import yaml
 
 from .config import Config
 from .io import read_json, versions, write_bytes, write_text
-from .runtime import Paths, resolve_device
+from .curves import read_rows
+from .runtime import Paths, git_commit, resolve_device
 
 COLUMNS = ("Clean", "FGSM", "PGD_S", "PGD_T", "CW", "AA", "Ave")
 # The supplementary's row order and labels (Table 1); methods not listed follow in config order.
@@ -86,11 +85,6 @@ def _optional_json(path: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def table_metrics(root: Path) -> dict[str, float]:
     """``<model>/<column>`` -> percent, for every evaluated model (the parent run's final metrics)."""
     return {f"{r['model']}/{c}": float(r[c]) for r in load_eval(root)["rows"] for c in COLUMNS if c in r}
@@ -120,14 +114,6 @@ def table_rows(evaluation: dict) -> list[Row]:
 
 
 # ---------------------------------------------------------------- environment
-def git_commit(root: Path) -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def environment(cfg: Config, root: Path, evaluation: dict) -> dict:
     aa = evaluation.get("autoattack") or {}
     return {
@@ -210,20 +196,16 @@ def _number(value: object) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def training_figures(root: Path) -> dict[str, Path]:
-    """Render the Stage-I and Stage-II curves into reports/figures/; returns title -> file."""
+def training_figures(root: Path, stage1_units: list[str], students: list[str]) -> dict[str, Path]:
+    """Render the Stage-I and Stage-II curves of the configured units into reports/figures/; title -> file."""
     paths, out = Paths(root), {}
     figures = paths.reports / "figures"
-    warmup_csv = paths.plots / "warmup.csv"
-    if warmup_csv.is_file():
-        by_artifact: dict[str, list[dict]] = {}
-        for r in read_rows(warmup_csv):
-            by_artifact.setdefault(r.get("artifact", "generator"), []).append(r)
-        png = curves_png(by_artifact, "Stage-I warm-up: L_G^I terms per step")
-        if png:
-            out["Stage-I training curves"] = write_bytes(figures / "warmup_curves.png", png)
-    students = {p.stem: read_rows(p) for p in sorted((paths.plots / "distill").glob("*.csv"))}
-    png = curves_png({k: v for k, v in students.items() if v}, "Stage-II distillation: losses per iteration")
+    warmup = {u: read_rows(p) for u in stage1_units if (p := paths.plots / "warmup" / f"{u}.csv").is_file()}
+    png = curves_png({k: v for k, v in warmup.items() if v}, "Stage-I warm-up: L_G^I terms per step")
+    if png:
+        out["Stage-I training curves"] = write_bytes(figures / "warmup_curves.png", png)
+    curves = {u: read_rows(p) for u in students if (p := paths.plots / "distill" / f"{u}.csv").is_file()}
+    png = curves_png({k: v for k, v in curves.items() if v}, "Stage-II distillation: losses per iteration")
     if png:
         out["Stage-II training curves"] = write_bytes(figures / "distill_curves.png", png)
     return out
@@ -285,11 +267,12 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
     """The report stage (see the module docstring)."""
     paths = Paths(root)
     evaluation = load_eval(root)
-    distill = _optional_json(paths.metrics / "distill.json")
+    stage1_units, students = cfg.stage1_units(), cfg.student_units()
+    distill = {u: _optional_json(paths.metrics / "distill" / f"{u}.json") for u in students}
     rows = table_rows(evaluation)
-    images = {"ε-curves (PGD_S)": paths.plots / "eps_curve.png",
-              "Generated samples (Stage-I)": paths.plots / "warmup_samples.png"}
-    images = {t: p for t, p in images.items() if p.is_file()} | training_figures(root)
+    images = {"ε-curves (PGD_S)": paths.plots / "eps_curve.png"}
+    images |= {f"Generated samples (Stage-I {u})": paths.plots / "warmup" / f"{u}.png" for u in stage1_units}
+    images = {t: p for t, p in images.items() if p.is_file()} | training_figures(root, stage1_units, students)
     sections = {
         "Sanity checks": {r["model"]: r.get("sanity") or "not run" for r in evaluation["rows"]},
         "Reconstructed choices (METHOD.md [R]) that ran": reconstructed(cfg, distill),

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +15,17 @@ import numpy as np
 import torch
 
 log = logging.getLogger("derd")
+STOP = threading.Event()  # set by the CLI's SIGTERM/SIGINT handler; long loops check it between steps
+
+
+class Stopped(RuntimeError):
+    """The run was told to stop (SIGTERM / Ctrl-C); resume state written so far is kept."""
+
+
+def check_stop() -> None:
+    """Raise :class:`Stopped` in whichever thread does the work once a stop was requested."""
+    if STOP.is_set():
+        raise Stopped("stopped by a signal; the resume state is kept: rerun the same command to continue")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,10 +36,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def git_commit(root: Path) -> str | None:
+    """The checked-out commit of the repository holding ``root`` (None outside git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+_EXPERIMENT_TMP = (".dvc", "tmp", "exps")
+
+
+def project_root(root: str | Path) -> Path:
+    """The project owning ``root``: DVC runs queued and temp experiments in ``<project>/.dvc/tmp/exps/...``
+    copies, whose MLflow runs and evaluation flags belong to the project."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - len(_EXPERIMENT_TMP) + 1):
+        if parts[i : i + len(_EXPERIMENT_TMP)] == _EXPERIMENT_TMP:
+            return Path(*parts[:i])
+    return Path(root).resolve()
 
 
 @dataclass(frozen=True)
@@ -66,6 +101,11 @@ class Paths:
         return self.root / "artifacts" / "checkpoints"
 
     @property
+    def eval_flags(self) -> Path:
+        """Per-example attack flags, shared by every experiment of the project (content-keyed, so safe)."""
+        return project_root(self.root) / "artifacts" / "eval_flags"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 
@@ -79,14 +119,18 @@ class Paths:
 
 
 def progress(total: int, desc: str, every: float = 0.1) -> Iterator[int]:
-    """``range(total)`` with a tqdm bar on a terminal, else a log line every ``every`` of the way."""
+    """``range(total)`` with a tqdm bar on a terminal, else a log line every ``every`` of the way;
+    each step first checks for a requested stop."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        yield from tqdm(range(total), desc=desc, dynamic_ncols=True)
+        for i in tqdm(range(total), desc=desc, dynamic_ncols=True):
+            check_stop()
+            yield i
         return
     start, stride = time.monotonic(), max(1, int(total * every))
     for i in range(total):
+        check_stop()
         yield i
         done = i + 1
         if done % stride == 0 or done == total:

@@ -18,9 +18,11 @@ from .attacks import KLPGD, PGD, eval_mode
 from .config import Config, NaturalTeacher, RobustTeacher
 from .io import CheckpointError, check_finite, load_into, read_json, save_artifact, sidecar_path, write_json
 from .models import Classifier, build_model
-from .runtime import Paths, log, progress, resolve_device, seed_everything
+from .resume import ResumeState, make_key
+from .runtime import Paths, check_stop, log, progress, resolve_device, seed_everything
 
 ROLES = ("natural", "robust")
+CHECK_EXAMPLES, CHECK_PGD_STEPS = 1000, 10  # the sidecar's quick check on val (the table is the evaluate stage's)
 
 
 def build_for(arch: str, width: int, info: datasets.DatasetInfo) -> Classifier:
@@ -55,18 +57,30 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch
 
 
 def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config, device: torch.device,
-                  desc: str) -> list[dict]:
-    """Train in place; returns per-epoch records. ``spec`` is robust when it carries an attack."""
+                  desc: str, resume: ResumeState | None = None) -> list[dict]:
+    """Train in place; returns per-epoch records. ``spec`` is robust when it carries an attack. With
+    ``resume``, the state after every epoch is saved there and an interrupted run continues from it."""
     opt_cfg = spec.train
     opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
     loader = datasets.loader(train_set, opt_cfg.batch_size, shuffle=True, seed=cfg.seed)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, opt_cfg.lr, total_steps=opt_cfg.epochs * len(loader))
     aug = cfg.data.augment
-    history = []
-    for epoch in progress(opt_cfg.epochs, desc):
+    history: list[dict] = []
+    start = 0
+    if resume is not None and (state := resume.load()):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        loader.generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history = int(state["epoch"]), list(state["history"])
+        log.info("%s: resuming after epoch %d (%s)", desc, start, resume.path)
+    for i in progress(opt_cfg.epochs - start, desc):
+        epoch = start + i
         model.train()
-        total, seen = 0.0, 0
+        total, seen = torch.zeros(()), 0
         for x, y in loader:
+            check_stop()
             x = datasets.augment_batch(x, aug.crop_padding, aug.hflip).to(device)
             y = y.to(device)
             loss = _teacher_loss(model, x, y, spec)
@@ -75,8 +89,11 @@ def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config
             loss.backward()
             opt.step()
             sched.step()
-            total, seen = total + loss.item() * len(x), seen + len(x)
-        history.append({"epoch": epoch, "loss": total / seen})
+            total, seen = total + loss.detach().cpu() * len(x), seen + len(x)
+        history.append({"epoch": epoch, "loss": total.item() / seen})
+        if resume is not None and epoch + 1 < opt_cfg.epochs:
+            resume.save(epoch=epoch + 1, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                        loader_rng=loader.generator.get_state(), torch_rng=torch.get_rng_state(), history=history)
     model.eval()
     return history
 
@@ -128,16 +145,19 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
         source = f"checkpoint:{spec.checkpoint}"
         log.info("teachers.%s: loaded %s", role, spec.checkpoint)
     else:
-        history = train_teacher(model, splits.train, spec, cfg, device, f"teacher[{role}]")
+        key = make_key(cfg.section_hash("seed", "data", f"teachers.{role}", exclude=("data.root", "data.download")))
+        resume = ResumeState(Paths(root).checkpoints / f"teacher_{role}.pt", key)
+        history = train_teacher(model, splits.train, spec, cfg, device, f"teacher[{role}]", resume)
         source = "trained:" + ("cross_entropy" if role == "natural" else spec.method)
     seconds = time.monotonic() - start
-    x, y = datasets.first_n(splits.test, len(splits.test))
+    x, y = datasets.first_n(splits.val, min(len(splits.val), CHECK_EXAMPLES))
     eps = cfg.teachers.robust.attack.eps
     metrics = {
+        "split": "val",
         "clean_acc": accuracy(model, x, y),
-        "pgd_acc": robust_accuracy(model, x, y, eps, cfg.teachers.eval_pgd_steps),
+        "pgd_acc": robust_accuracy(model, x, y, eps, CHECK_PGD_STEPS),
         "pgd_eps": eps,
-        "pgd_steps": cfg.teachers.eval_pgd_steps,
+        "pgd_steps": CHECK_PGD_STEPS,
         "train_seconds": round(seconds, 2),
         "n_test": len(y),
     }
@@ -147,6 +167,8 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
         "params_hash": cfg.section_hash("data", "teachers"), "metrics": metrics, "history": history,
     }
     save_artifact(Paths(root).teacher(role), model.state_dict(), sidecar)
+    if not spec.checkpoint:
+        resume.clear()
     log.info("teachers.%s: clean %.3f pgd %.3f (%.0fs)", role, metrics["clean_acc"], metrics["pgd_acc"], seconds)
     return metrics
 

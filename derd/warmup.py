@@ -1,18 +1,17 @@
 """Stage-I (METHOD.md "Stage-I"): warm the generator up against a frozen teacher with L_G^I,
 and build DERD_inv's inversion pool.
 
-Writes, under ``artifacts/stage1/``: ``generator_natural.pt`` (always), ``generator_robust.pt``
-(``stage1.robust_generator``: the same warm-up on the robust teacher, for derd_no_tnat) and
-``inversion_pool.pt`` (``stage1.inversion.pool_size > 0``), each with a JSON sidecar; plus
-``metrics/warmup.json`` (health and loss terms per artifact), ``plots/warmup.csv`` (every raw and
-weighted term per step, one ``artifact`` column) and ``plots/warmup_samples.png`` (one panel of
-samples per artifact, labelled with the teacher's class and confidence).
-Training resumes from ``artifacts/checkpoints/stage1_<artifact>.pt`` when the key matches.
+Units of work (DVC runs one stage each): ``generator_<role>`` for each role in ``stage1.generators``
+(``robust``: the same warm-up on the robust teacher, for derd_no_tnat) and ``inversion_pool`` (empty
+when ``stage1.inversion.pool_size`` is 0). Each writes ``artifacts/stage1/<unit>.pt`` with a JSON
+sidecar, ``metrics/warmup/<unit>.json`` (health and loss terms), ``plots/warmup/<unit>.csv`` (every
+raw and weighted term per step) and ``plots/warmup/<unit>.png`` (samples labelled with the
+teacher's class and confidence).
+Training resumes from ``artifacts/checkpoints/stage1_<artifact>.pt`` when its key (params, teacher weights,
+library code) matches; the file is deleted once the artifact is saved.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import io as _stdio
 import math
 import time
@@ -22,13 +21,15 @@ import torch
 from torch import nn
 
 from . import data as datasets
-from .config import Config
+from .config import Config, ConfigError, untraced
+from .curves import write_rows
 from .health import generator_health, teacher_predictions
 from .inversion import optimise_batch
-from .io import (CheckpointError, check_finite, load_into, load_tensors, read_json, save_artifact, save_tensors,
-                 sidecar_path, write_bytes, write_json, write_text)
+from .io import (CheckpointError, check_finite, file_hash, load_into, load_tensors, read_json, save_artifact,
+                 sidecar_path, write_bytes, write_json)
 from .losses import StageOneLoss
 from .models import build_generator
+from .resume import ResumeState, make_key
 from .runtime import Paths, log, progress, resolve_device, seed_everything
 from .teachers import load_teacher
 
@@ -36,17 +37,15 @@ POOL = "inversion_pool"
 HEALTH_SEED_OFFSET = 10_000  # health samples use their own latent seed, the same for every artifact
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+GENERATOR_ONLY = ("stage1.generator", "stage1.iterations", "stage1.batch_size", "stage1.lr", "stage1.schedule")
 
 
-def params_hash(cfg: Config) -> str:
-    """Hash of every setting Stage-I depends on (the teachers' weights are hashed separately)."""
-    return cfg.section_hash("seed", "data", "teachers", "stage1")
+def params_hash(cfg: Config, unit: str) -> str:
+    """Hash of the settings one Stage-I unit depends on (its teacher's weights are hashed separately)."""
+    role = "natural" if unit == POOL else unit.removeprefix("generator_")
+    other = GENERATOR_ONLY if unit == POOL else ("stage1.inversion",)
+    return cfg.section_hash("seed", "data.name", "data.image_size", "stage1", f"teachers.{role}.arch",
+                            f"teachers.{role}.width", exclude=("stage1.generators", *other))
 
 
 def lr_at(step: int, base_lr: float, total: int, schedule: str) -> float:
@@ -54,25 +53,6 @@ def lr_at(step: int, base_lr: float, total: int, schedule: str) -> float:
     if schedule == "constant":
         return base_lr
     return 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
-
-
-class _Resume:
-    """A resume checkpoint keyed by params hash + teacher hash; a stale key is ignored (and overwritten)."""
-
-    def __init__(self, path: Path, key: str):
-        self.path, self.key = path, key
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        state = load_tensors(self.path)
-        if state.get("key") != self.key:
-            log.info("stage1: ignoring %s (written for other params or teachers)", self.path)
-            return None
-        return state
-
-    def save(self, **state) -> None:
-        save_tensors(self.path, {"key": self.key, **state})
 
 
 def _row(name: str, role: str, step: int, lr: float, terms: dict[str, float]) -> dict:
@@ -114,12 +94,12 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
     s1, paths, info = cfg.stage1, Paths(root), datasets.info(cfg.data)
     name = f"generator_{role}"
     teacher = load_teacher(cfg, role, root, device)
-    teacher_hash = file_sha256(paths.teacher(role))
+    teacher_hash = file_hash(paths.teacher(role))
     seed_everything(cfg.seed)
     generator = build_generator(s1.generator.arch, s1.generator.nz, info.shape, s1.generator.width).to(device)
     opt = torch.optim.Adam(generator.parameters(), lr=s1.lr)
     z_rng = torch.Generator(device).manual_seed(cfg.seed)
-    resume = _Resume(paths.checkpoints / f"stage1_{name}.pt", f"{params_hash(cfg)}:{teacher_hash}")
+    resume = ResumeState(paths.checkpoints / f"stage1_{name}.pt", make_key(params_hash(cfg, name), [teacher_hash]))
     own_rows: list[dict] = []
     start = 0
     if state := resume.load():
@@ -163,10 +143,11 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
     sidecar = {
         "kind": "generator", "arch": s1.generator.arch, "nz": s1.generator.nz, "width": s1.generator.width,
         "shape": list(info.shape),
-        "dataset": info.name, "num_classes": info.num_classes, "params_hash": params_hash(cfg),
+        "dataset": info.name, "num_classes": info.num_classes, "params_hash": params_hash(cfg, name),
         "lambdas": loss_fn.lambdas, "ie_log_base": s1.ie_log_base, **summary,
     }
     save_artifact(paths.generator(role), generator.state_dict(), sidecar)
+    resume.clear()
     rows.extend(own_rows)
     return {**summary, "samples": images}
 
@@ -175,9 +156,15 @@ def build_inversion_pool(cfg: Config, root: Path, device: torch.device, rows: li
     """DERD_inv: optimise ``pool_size`` images against the natural teacher; save the pool."""
     s1, inv, paths, info = cfg.stage1, cfg.stage1.inversion, Paths(root), datasets.info(cfg.data)
     teacher = load_teacher(cfg, "natural", root, device)
-    teacher_hash = file_sha256(paths.teacher("natural"))
+    teacher_hash = file_hash(paths.teacher("natural"))
+    if inv.pool_size == 0:  # DERD_inv off: an empty pool keeps the DVC stage's outputs defined
+        images = torch.zeros(0, *info.shape)
+        summary = {"teacher_role": "natural", "teacher_sha256": teacher_hash, "disabled": "stage1.inversion.pool_size is 0"}
+        save_artifact(paths.inversion_pool, {"images": images}, {"kind": "inversion_pool", "pool_size": 0,
+                                                                  "dataset": info.name, **summary})
+        return {**summary, "samples": images}
     rng = torch.Generator(device).manual_seed(cfg.seed + 1)
-    resume = _Resume(paths.checkpoints / f"stage1_{POOL}.pt", f"{params_hash(cfg)}:{teacher_hash}")
+    resume = ResumeState(paths.checkpoints / f"stage1_{POOL}.pt", make_key(params_hash(cfg, POOL), [teacher_hash]))
     sizes = [min(inv.batch_size, inv.pool_size - i) for i in range(0, inv.pool_size, inv.batch_size)]
     batches: list[torch.Tensor] = []
     own_rows: list[dict] = []
@@ -213,9 +200,10 @@ def build_inversion_pool(cfg: Config, root: Path, device: torch.device, rows: li
     }
     sidecar = {
         "kind": "inversion_pool", "pool_size": inv.pool_size, "shape": list(info.shape), "dataset": info.name,
-        "num_classes": info.num_classes, "params_hash": params_hash(cfg), "lambdas": loss_fn.lambdas, **summary,
+        "num_classes": info.num_classes, "params_hash": params_hash(cfg, POOL), "lambdas": loss_fn.lambdas, **summary,
     }
     save_artifact(paths.inversion_pool, {"images": images}, sidecar)
+    resume.clear()
     rows.extend(own_rows)
     return {**summary, "samples": images}
 
@@ -225,16 +213,6 @@ def _warn(name: str, health: dict) -> None:
              health["class_histogram"], health["balance"], health["mean_confidence"], health["diversity"])
     for w in health["warnings"]:
         log.warning("%s: COLLAPSE WARNING: %s", name, w)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Per-step rows (columns: the union of their keys, first-seen order) as CSV, atomically."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    buf = _stdio.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def save_sample_grid(path: Path, panels: dict[str, torch.Tensor], teacher_probs: dict[str, torch.Tensor],
@@ -275,27 +253,30 @@ def save_sample_grid(path: Path, panels: dict[str, torch.Tensor], teacher_probs:
     write_bytes(path, buf.getvalue())
 
 
-def run(cfg: Config, root: Path = Path(".")) -> dict:
-    """The warmup stage: generator(s), the inversion pool, metrics, per-step CSV and the sample grid."""
-    device = resolve_device(cfg.device)
-    paths = Paths(root)
-    began = time.monotonic()
+def run_unit(cfg: Config, root: Path, unit: str) -> dict:
+    """One Stage-I artifact, its metrics/warmup/<unit>.json, plots/warmup/<unit>.csv and sample grid <unit>.png."""
+    with untraced():  # naming a unit is not a dependency on the others
+        known = cfg.stage1_units()
+    if unit not in known:
+        raise ConfigError(f"warmup unit {unit!r}: not one of {known} (stage1.generators, the pool)")
+    device, paths = resolve_device(cfg.device), Paths(root)
     rows: list[dict] = []
-    results: dict[str, dict] = {}
-    for role in ("natural", "robust") if cfg.stage1.robust_generator else ("natural",):
-        results[f"generator_{role}"] = train_generator(cfg, root, role, device, rows)
-    if cfg.stage1.inversion.pool_size > 0:
-        results[POOL] = build_inversion_pool(cfg, root, device, rows)
-    samples = {name: r.pop("samples") for name, r in results.items()}
-    probs = {}
-    for name, r in results.items():
-        teacher = load_teacher(cfg, r["teacher_role"], root, device)
-        probs[name] = teacher_predictions(teacher, samples[name][:40])
-    write_csv(paths.plots / "warmup.csv", rows)
-    save_sample_grid(paths.plots / "warmup_samples.png", samples, probs)
-    metrics = {**results, "seconds_total": round(time.monotonic() - began, 2), "params_hash": params_hash(cfg)}
-    write_json(paths.metrics / "warmup.json", metrics)
-    return metrics
+    if unit == POOL:
+        result = build_inversion_pool(cfg, root, device, rows)
+    else:
+        result = train_generator(cfg, root, unit.removeprefix("generator_"), device, rows)
+    samples = result.pop("samples")
+    teacher = load_teacher(cfg, result["teacher_role"], root, device)
+    write_rows(paths.plots / "warmup" / f"{unit}.csv", rows)
+    probs = teacher_predictions(teacher, samples[:40]) if len(samples) else torch.zeros(0, 1)
+    save_sample_grid(paths.plots / "warmup" / f"{unit}.png", {unit: samples}, {unit: probs})
+    write_json(paths.metrics / "warmup" / f"{unit}.json", {**result, "params_hash": params_hash(cfg, unit)})
+    return result
+
+
+def run(cfg: Config, root: Path = Path(".")) -> dict:
+    """Every Stage-I unit."""
+    return {unit: run_unit(cfg, root, unit) for unit in cfg.stage1_units()}
 
 
 def load_generator(cfg: Config, root: Path = Path("."), teacher_role: str = "natural",
@@ -304,7 +285,7 @@ def load_generator(cfg: Config, root: Path = Path("."), teacher_role: str = "nat
     path = Paths(root).generator(teacher_role)
     if not sidecar_path(path).is_file():
         raise CheckpointError(f"{path}: no Stage-I generator for the {teacher_role} teacher; run `derd warmup`"
-                              + (" with stage1.robust_generator: true" if teacher_role == "robust" else ""))
+                              + f" with {teacher_role} in stage1.generators")
     meta, g, info = read_json(sidecar_path(path)), cfg.stage1.generator, datasets.info(cfg.data)
     want = {"arch": g.arch, "nz": g.nz, "width": g.width, "shape": list(info.shape)}
     have = {k: meta.get(k) for k in want}

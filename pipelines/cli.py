@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
 import os
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,12 +17,17 @@ if TYPE_CHECKING:
     from derd.config import Config
 
 STAGES = {
+    "inputs": "fingerprint the dataset files and user teacher checkpoints (artifacts/inputs.json)",
     "teachers": "load or train the natural and robust teachers",
     "warmup": "Stage-I: warm up the generator (or the DERD_inv pool) on the natural teacher",
     "distill": "Stage-II: robust distillation of every method in stage2.methods",
     "evaluate": "Clean/FGSM/PGD_S/PGD_T/CW/AA for students and teachers, sanity checks, eps-curves",
     "report": "reports/report.html and report.md from the metrics and plots",
     "pipeline": "the whole DAG (teachers -> warmup -> distill -> evaluate -> report) as one flow",
+}
+UNITS = {  # stages that DVC runs once per unit (foreach / matrix in dvc.yaml)
+    "warmup": "one Stage-I artifact: generator_natural, generator_robust or inversion_pool",
+    "distill": "one student, <method>-seed<k> (e.g. derd-seed0)",
 }
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 EPILOG = """\
@@ -46,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         s.add_argument("--root", default=".", help="project root holding artifacts/, metrics/, ... (default: .)")
+        if name in UNITS:
+            s.add_argument("--only", metavar="UNIT", help=UNITS[name])
     pre = sub.add_parser("preset", help="copy presets/NAME.yaml over params.yaml", description="switch profile")
     pre.add_argument("name", help="one of: " + ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))))
     pre.add_argument("--params", default="params.yaml")
@@ -119,6 +128,47 @@ def _run_name(record: logging.LogRecord) -> bool:
     return True
 
 
+def _stop_on_signals(grace: float = 8.0) -> None:
+    """SIGTERM (a killed `dvc repro`, a cancelled queue, CI timeouts) and Ctrl-C ask the work to stop: the
+    training loops, in whichever thread they run, raise at their next step (resume state kept) and the
+    command unwinds, stopping Prefect's temporary server. A second signal, or no exit within ``grace``
+    seconds, ends the process at once (artifact writes are atomic, so nothing half-written remains)."""
+    from derd.runtime import STOP
+
+    def handler(signum: int, frame) -> None:
+        if STOP.is_set():
+            os._exit(128 + signum)
+        STOP.set()
+        print(f"derd: {signal.Signals(signum).name} received, stopping (resume state is kept)", file=sys.stderr)
+        timer = threading.Timer(grace, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _write_trace(path: Path, reads: set[str]) -> None:
+    """The project's modules this process imported and the params keys it read, as JSON."""
+    import json
+
+    project = Path(__file__).resolve().parent.parent
+    files = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
+    modules = sorted(str(f.relative_to(project)) for f in files
+                     if f.is_relative_to(project) and f.relative_to(project).parts[0] in ("derd", "pipelines"))
+    path.write_text(json.dumps({"modules": modules, "params": sorted(reads)}, indent=1))
+
+
+def _stopped(exc: BaseException) -> bool:
+    """A stop request, however it arrived: our flag, Ctrl-C, or Prefect's own SIGTERM bridge inside a flow."""
+    from derd.runtime import STOP, Stopped
+
+    if isinstance(exc, Stopped | KeyboardInterrupt) or type(exc).__name__ == "TerminationSignal":
+        STOP.set()  # work still running in another thread stops at its next step
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s%(run)s %(levelname)s %(message)s")
@@ -126,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_run_name)
     for chatty in ("httpx", "httpcore", "alembic"):  # one line per API call / migration otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    # SIGTERM (a killed `dvc repro`, CI timeouts) unwinds like Ctrl-C: Prefect stops its temporary server,
-    # `derd ui` its MLflow process group
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    _stop_on_signals()
+    if trace := os.environ.get("DERD_TRACE_READS"):  # a folder: the dependency test's record of this stage's reads
+        from derd import config as _config
+
+        unit = getattr(args, "only", None)
+        name = f"{args.command}-{unit}.json" if unit else f"{args.command}.json"
+        atexit.register(_write_trace, Path(trace) / name, _config.trace_reads())
     factory = logging.getLogRecordFactory()
     if not args.debug:  # errors arrive as one line below; log records (Prefect's too) drop their tracebacks
         logging.setLogRecordFactory(_without_traceback(factory))
@@ -150,18 +204,24 @@ def main(argv: list[str] | None = None) -> int:
             from . import tracking
 
             return tracking.ui(cfg, args.root, args.port)
+        if args.command == "inputs":  # a second's work: no Prefect, no MLflow
+            from derd import inputs
+
+            inputs.run(cfg, Path(args.root))
+            return 0
         from . import tracking
 
         tracking.check_store(cfg, args.root)  # an unwritable MLflow store fails now, not after training
         _check_prefect_api()
         prefect_environment(args.root)
         flows = importlib.import_module("pipelines.flows")
-        getattr(flows, f"{args.command}_flow")(params=args.params, root=args.root)
+        only = {"only": args.only} if getattr(args, "only", None) else {}
+        getattr(flows, f"{args.command}_flow")(params=args.params, root=args.root, **only)
         if args.command in ("report", "pipeline"):
             _where(cfg, args.root)
         return 0
-    except Exception as exc:
-        if args.debug:
+    except BaseException as exc:  # Prefect's TerminationSignal is a BaseException
+        if args.debug or isinstance(exc, SystemExit):
             raise
         code, message = explain(exc, args.command)
         print(f"derd {args.command}: {message}", file=sys.stderr)
@@ -209,6 +269,8 @@ def explain(exc: BaseException, command: str) -> tuple[int, str]:
 
     from .tracking import TrackingError
 
+    if _stopped(exc):
+        return 143, "stopped by a signal; the resume state is kept: rerun the same command to continue"
     if isinstance(exc, FloatingPointError):
         return 3, _one_line(exc)
     if isinstance(exc, ConfigError):
@@ -241,7 +303,6 @@ def _without_traceback(factory):
         return record
 
     return make
-
 
 
 if __name__ == "__main__":

@@ -42,11 +42,11 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path)
     return teachers.prepare_teacher(cfg, role, splits, root)
 
 
-@stage_task
-def warmup(cfg: Config, root: Path) -> dict:
+@stage_task(task_run_name="warmup[{unit}]")
+def warmup(cfg: Config, root: Path, unit: str) -> dict:
     from derd import warmup as stage1
 
-    return stage1.run(cfg, root)
+    return stage1.run_unit(cfg, root, unit)
 
 
 @stage_task(task_run_name="train_student[{method}-seed{seed}]")
@@ -73,29 +73,39 @@ def report(cfg: Config, root: Path) -> dict:
 
 @stage_task(retries=2, retry_delay_seconds=5)
 def track(cfg: Config, root: Path, stage: str, result: Mapping[str, Any], seconds: float,
-          final_metrics: Mapping[str, float] | None = None) -> dict:
-    return tracking.log_stage(cfg, root, stage, result, seconds, final_metrics)
+          final_metrics: Mapping[str, float] | None = None, unit: str | None = None) -> dict:
+    return tracking.log_stage(cfg, root, stage, result, seconds, final_metrics, unit)
 
 
 def _tracked(stage: str, params: str, root: str, body: Callable[[Config, Path], dict],
-             final_metrics: Callable[[Path], Mapping[str, float]] | None = None) -> dict:
+             final_metrics: Callable[[Path], Mapping[str, float]] | None = None, unit: str | None = None) -> dict:
     """Load the config, run ``body``, then log the MLflow child run and stamp its id into the outputs."""
     cfg, where = config.load(params), Path(root)
     start = time.monotonic()
     try:
         result = body(cfg, where)
     except Exception as exc:
-        tracking.log_failure(cfg, where, stage, exc)
+        with config.untraced():
+            tracking.log_failure(cfg, where, stage, exc, unit)
         raise
     seconds = time.monotonic() - start
     try:
-        record = track(cfg, where, stage, result, seconds, final_metrics(where) if final_metrics else None)
+        with config.untraced():  # bookkeeping: it logs every key, computes no output
+            record = track(cfg, where, stage, result, seconds, final_metrics(where) if final_metrics else None, unit)
     except tracking.TrackingError as exc:
         log.error("%s. The stage's outputs are complete and kept; fix the store (or set tracking.enabled: false) "
                   "and the next run of the stage records normally.", exc)
         record = {"stage": stage, "mlflow_run_id": None, "tracking_error": str(exc), "seconds": round(seconds, 3)}
-    tracking.stamp(stage, where, record)
+    with config.untraced():
+        tracking.stamp(stage, where, record, unit)
     return result
+
+
+def _units(stage: str, params: str, root: str, names: list[str],
+           body: Callable[[Config, Path, str], dict]) -> dict:
+    """A stage made of units (one DVC stage each): every unit is run and tracked on its own."""
+    return {unit: _tracked(stage, params, root, lambda cfg, where, unit=unit: body(cfg, where, unit), unit=unit)
+            for unit in names}
 
 
 @flow(name="teachers", log_prints=True)
@@ -111,17 +121,19 @@ def teachers_flow(params: str = "params.yaml", root: str = ".") -> dict:
 
 
 @flow(name="warmup", log_prints=True)
-def warmup_flow(params: str = "params.yaml", root: str = ".") -> dict:
-    """Stage-I: the generator(s) and the DERD_inv pool."""
-    return _tracked("warmup", params, root, warmup)
+def warmup_flow(params: str = "params.yaml", root: str = ".", only: str | None = None) -> dict:
+    """Stage-I: each generator and the DERD_inv pool (``only``: that one), one task and MLflow run each."""
+    return _units("warmup", params, root, [only] if only else config.load(params).stage1_units(), warmup)
 
 
 @flow(name="distill", log_prints=True)
-def distill_flow(params: str = "params.yaml", root: str = ".") -> dict:
-    """Stage-II: one task per (method, seed) of stage2.methods × stage2.seeds."""
+def distill_flow(params: str = "params.yaml", root: str = ".", only: str | None = None) -> dict:
+    """Stage-II: one task and MLflow run per (method, seed) of stage2 (``only``: that ``<method>-seed<k>``)."""
     from derd import distill
 
-    return _tracked("distill", params, root, lambda cfg, where: distill.run(cfg, where, train=train_student))
+    names = [only] if only else config.load(params).student_units()
+    return _units("distill", params, root, names,
+                  lambda cfg, where, unit: distill.run_unit(cfg, where, unit, train=train_student))
 
 
 @flow(name="evaluate", log_prints=True)

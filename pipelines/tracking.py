@@ -3,7 +3,7 @@
 One experiment per dataset; one *parent* run per full configuration (found again by its params
 hash, all params flattened, the final table as metrics); one *child* run per stage execution (stage
 params, result metrics, per-step curves with their step, artifacts). The child's run id is stamped
-into the stage's sidecars and into its run record (``artifacts/runs/<stage>.json``, a DVC out), so a
+into the stage's sidecars and into its run record (``artifacts/runs/<stage>[-<unit>].json``, a DVC out), so a
 stage that DVC restores from its cache still names the run that produced it; the parent of every
 later stage links the upstream runs by tag (``derd.run.<stage>``).
 
@@ -24,7 +24,8 @@ from typing import Any
 
 from derd.config import Config
 from derd.io import read_json, versions, write_json
-from derd.report import git_commit, read_rows
+from derd.curves import read_rows
+from derd.runtime import git_commit, project_root
 
 from .stages import BY_NAME, Stage, upstream
 
@@ -32,20 +33,10 @@ STORE = "mlflow.db"
 ARTIFACTS = "mlartifacts"
 STEP_COLUMNS = ("step", "iteration", "epoch")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
-_EXPERIMENT_TMP = (".dvc", "tmp", "exps")
 
 
 class TrackingError(RuntimeError):
     """MLflow could not record a stage (the stage's own outputs are already written)."""
-
-
-def project_root(root: str | Path) -> Path:
-    """The project owning ``root``: DVC runs experiments in ``<project>/.dvc/tmp/exps/...`` copies."""
-    parts = Path(root).resolve().parts
-    for i in range(len(parts) - len(_EXPERIMENT_TMP) + 1):
-        if parts[i : i + len(_EXPERIMENT_TMP)] == _EXPERIMENT_TMP:
-            return Path(*parts[:i])
-    return Path(root).resolve()
 
 
 def tracking_uri(cfg: Config, root: str | Path) -> str:
@@ -117,12 +108,12 @@ def row_metrics(rows: Iterable[Mapping[str, Any]], prefix: str = "") -> list[tup
     return out
 
 
-def curve_metrics(stage: Stage, root: Path) -> list[tuple[str, float, int]]:
-    """Step metrics of a stage: its per-step CSVs (prefixed by the file's name) and sidecar histories."""
+def curve_metrics(stage: Stage, root: Path, unit: str | None = None) -> list[tuple[str, float, int]]:
+    """Step metrics of a stage (unit): its per-step CSVs (prefixed by the file's name) and sidecar histories."""
     out = []
-    for path in stage.files(root, "curves"):
+    for path in stage.files(root, "curves", unit):
         out.extend(row_metrics(read_rows(path), f"{path.stem}/"))
-    for path in stage.files(root, "sidecars"):
+    for path in stage.files(root, "sidecars", unit):
         history = read_json(path).get("history")
         if isinstance(history, list) and history and isinstance(history[0], dict):
             out.extend(row_metrics(history, f"{path.stem}/"))
@@ -209,12 +200,14 @@ class Tracker:
             self.client.log_batch(run_id, tags=ts)
 
     def log_stage(self, stage: Stage, result: Mapping[str, Any], seconds: float,
-                  final_metrics: Mapping[str, float] | None = None) -> dict:
-        """Record one finished stage as a child run; returns its run record."""
+                  final_metrics: Mapping[str, float] | None = None, unit: str | None = None) -> dict:
+        """Record one finished stage (or unit of a stage) as a child run; returns its run record."""
         base = environment_tags(self.cfg, self.root)
         parent = self.parent(base)
-        child = self.client.create_run(self.experiment_id, run_name=stage.name, tags={
-            **base, "derd.kind": "stage", "derd.stage": stage.name, "mlflow.parentRunId": parent,
+        name = f"{stage.name}[{unit}]" if unit else stage.name
+        child = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **base, "derd.kind": "stage", "derd.stage": stage.name, "derd.unit": unit or "",
+            "mlflow.parentRunId": parent,
             "derd.stage_hash": self.cfg.section_hash(*stage.sections) if stage.sections else base["derd.params_hash"],
         }).info.run_id
         data = self.cfg.model_dump(mode="json")
@@ -222,47 +215,57 @@ class Tracker:
         final = [(metric_name(k), v, 0) for k, v in (final_metrics or {}).items()]
         metrics = [(k, v, 0) for k, v in numeric_leaves(result).items()] + final
         metrics.append(("stage_seconds", round(seconds, 3), 0))
-        self._log(child, params=params, metrics=metrics + curve_metrics(stage, self.root))
-        for path in stage.files(self.root):
+        self._log(child, params=params, metrics=metrics + curve_metrics(stage, self.root, unit))
+        for path in stage.files(self.root, unit=unit):
             self.client.log_artifact(child, str(path), str(path.parent.relative_to(self.root)))
         self.client.set_terminated(child, "FINISHED")
-        record = {"stage": stage.name, "mlflow_run_id": child, "mlflow_parent_run_id": parent,
+        record = {"stage": stage.name, "unit": unit, "mlflow_run_id": child, "mlflow_parent_run_id": parent,
                   "experiment": experiment_name(self.cfg), "tracking_uri": self.uri,
                   "params_hash": base["derd.params_hash"], "git_commit": base.get("mlflow.source.git.commit"),
                   "seconds": round(seconds, 3)}
-        links = {f"derd.run.{s.name}": r["mlflow_run_id"] for s in upstream(stage.name)
-                 if (r := read_record(s, self.root)) and r.get("mlflow_run_id")}
-        self._log(parent, metrics=final, tags={**links, f"derd.run.{stage.name}": child})
+        links = {f"derd.run.{key}": r["mlflow_run_id"] for s in upstream(stage.name)
+                 for key, r in read_records(s, self.root).items() if r.get("mlflow_run_id")}
+        self._log(parent, metrics=final, tags={**links, f"derd.run.{_record_key(stage.name, unit)}": child})
         self.client.set_terminated(parent, "FINISHED")
         return record
 
-    def log_failure(self, stage: Stage, error: BaseException) -> str:
+    def log_failure(self, stage: Stage, error: BaseException, unit: str | None = None) -> str:
         """A FAILED child run naming the error, so broken runs show in the UI too."""
         base = environment_tags(self.cfg, self.root)
-        run = self.client.create_run(self.experiment_id, run_name=stage.name, tags={
+        run = self.client.create_run(self.experiment_id, run_name=f"{stage.name}[{unit}]" if unit else stage.name, tags={
             **base, "derd.kind": "stage", "derd.stage": stage.name, "mlflow.parentRunId": self.parent(base),
             "derd.error": f"{type(error).__name__}: {error}"[:5000]})
         self.client.set_terminated(run.info.run_id, "FAILED")
         return run.info.run_id
 
 
-def read_record(stage: Stage, root: Path) -> dict | None:
-    path = stage.record(root)
-    return read_json(path) if path.is_file() else None
+def _record_key(stage: str, unit: str | None) -> str:
+    return f"{stage}.{unit}" if unit else stage
 
 
-def stamp(stage_name: str, root: str | Path, record: Mapping[str, Any]) -> None:
-    """Write the run record and put the MLflow run id into every sidecar the stage wrote (atomically)."""
+def read_records(stage: Stage, root: Path) -> dict[str, dict]:
+    """The run records of a stage and of each of its units, by ``stage`` / ``stage.unit``."""
+    out = {}
+    whole = stage.record(root)
+    if whole.is_file():
+        out[stage.name] = read_json(whole)
+    for path in sorted(whole.parent.glob(f"{stage.name}-*.json")):
+        out[_record_key(stage.name, path.stem.removeprefix(f"{stage.name}-"))] = read_json(path)
+    return out
+
+
+def stamp(stage_name: str, root: str | Path, record: Mapping[str, Any], unit: str | None = None) -> None:
+    """Write the run record and put the MLflow run id into every sidecar the stage (unit) wrote, atomically."""
     stage, root = BY_NAME[stage_name], Path(root)
-    for path in stage.files(root, "sidecars"):
+    for path in stage.files(root, "sidecars", unit):
         side = read_json(path)
         side["mlflow_run_id"] = record.get("mlflow_run_id")
         write_json(path, side)
-    write_json(stage.record(root), dict(record))
+    write_json(stage.record(root, unit), dict(record))
 
 
 def log_stage(cfg: Config, root: str | Path, stage_name: str, result: Mapping[str, Any], seconds: float,
-              final_metrics: Mapping[str, float] | None = None) -> dict:
+              final_metrics: Mapping[str, float] | None = None, unit: str | None = None) -> dict:
     """Log a finished stage to MLflow (or skip when ``tracking.enabled`` is false); returns the run record.
 
     Raises :class:`TrackingError` naming the store when MLflow fails."""
@@ -271,7 +274,7 @@ def log_stage(cfg: Config, root: str | Path, stage_name: str, result: Mapping[st
         return {"stage": stage_name, "mlflow_run_id": None, "tracking": "disabled", "seconds": round(seconds, 3)}
     uri = tracking_uri(cfg, root)
     try:
-        return Tracker(cfg, root).log_stage(stage, result, seconds, final_metrics)
+        return Tracker(cfg, root).log_stage(stage, result, seconds, final_metrics, unit)
     except Exception as exc:  # any MLflow/SQLAlchemy/OS failure: the caller reports it and keeps the outputs
         raise TrackingError(f"MLflow could not record stage {stage_name!r} in {uri}: {_reason(exc)}; fix the "
                             "store (or set tracking.enabled: false)") from exc
@@ -323,11 +326,12 @@ def check_store(cfg: Config, root: str | Path) -> None:
                                 "tracking.uri at a writable place, or set tracking.enabled: false")
 
 
-def log_failure(cfg: Config, root: str | Path, stage_name: str, error: BaseException) -> str | None:
+def log_failure(cfg: Config, root: str | Path, stage_name: str, error: BaseException,
+                unit: str | None = None) -> str | None:
     if not cfg.tracking.enabled:
         return None
     try:
-        return Tracker(cfg, root).log_failure(BY_NAME[stage_name], error)
+        return Tracker(cfg, root).log_failure(BY_NAME[stage_name], error, unit)
     except Exception:  # the stage's own error is the one to report
         return None
 

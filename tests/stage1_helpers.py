@@ -28,7 +28,6 @@ def tiny_config(**stage1) -> config.Config:
             "natural": {"arch": "small_cnn", "width": 8, "train": quick},
             "robust": {"arch": "small_cnn", "width": 8, "method": "pgd_at", "train": {**quick, "epochs": 1},
                        "attack": {"eps": 0.1, "steps": 1, "step_size": 0.1}},
-            "eval_pgd_steps": 1,
         },
         "stage1": {
             "iterations": 60, "batch_size": 32, "lr": 0.01, "health_samples": 100, "checkpoint_every": 10,

@@ -79,8 +79,8 @@ BAD = [
     ({"stage2": {"tau": 0}}, "stage2.tau: must be > 0, got 0"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction: must be < 1"),
     ({"stage1": {"generator": {"arch": "stylegan"}}}, "stage1.generator.arch: must be one of"),
-    ({"stage2": {"methods": ["derd_no_tnat"]}, "stage1": {"robust_generator": False}},
-     "stage1.robust_generator: must be true when stage2.methods includes derd_no_tnat"),
+    ({"stage2": {"methods": ["derd_no_tnat"]}, "stage1": {"generators": ["natural"]}},
+     "stage1.generators: must include robust when stage2.methods includes derd_no_tnat"),
     ({"device": "tpu"}, "device: must be one of"),
 ]
 

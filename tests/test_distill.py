@@ -1,6 +1,8 @@
 """Stage-II loop, DERD and the baselines on a micro configuration (random tiny teachers and generators)."""
 from __future__ import annotations
 
+import json
+
 import csv
 
 import pytest
@@ -114,7 +116,8 @@ def test_run_writes_the_stage_summary(root):
     cfg = micro_config(methods=["derd", "dfad"], seeds=[0, 1], iterations=1, k_student=1)
     out = distill.run(cfg, root)
     assert set(out) == {"derd-seed0", "derd-seed1", "dfad-seed0", "dfad-seed1"}
-    assert read_json(Paths(root).metrics / "distill.json").keys() == out.keys()
+    for unit, summary in out.items():
+        assert read_json(Paths(root).metrics / "distill" / f"{unit}.json") == json.loads(json.dumps(summary))
 
 
 def test_interrupted_run_resumes_to_the_same_student(root, tmp_path_factory, monkeypatch):
@@ -141,6 +144,19 @@ def test_interrupted_run_resumes_to_the_same_student(root, tmp_path_factory, mon
     state = load_tensors(Paths(root).student("derd", 0))
     assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
     assert resumed["final"]["iteration"] == reference["final"]["iteration"] == 4
+    assert not (Paths(root).checkpoints / "distill_derd-seed0.pt").exists(), "a finished student drops its state"
+
+    # other code, or another teacher file, never resumes a state
+    monkeypatch.setattr(distill.get_method("derd"), "student_step", crash_at_iteration_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_student(cfg, "derd", 0, root)
+    monkeypatch.setattr(distill.get_method("derd"), "student_step", original)
+    monkeypatch.setattr("derd.resume.code_hash", lambda *parts: "edited-code")
+    calls["n"] = 0
+    monkeypatch.setattr(distill.get_method("derd"), "student_step",
+                        lambda self, it: calls.__setitem__("n", calls["n"] + 1) or original(self, it))
+    distill.train_student(cfg, "derd", 0, root)
+    assert calls["n"] == 4 * cfg.stage2.k_student, "the stale state was discarded: all iterations ran"
 
 
 def test_nan_stops_the_run_loudly(root, monkeypatch):

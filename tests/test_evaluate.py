@@ -87,7 +87,8 @@ def test_stage_writes_table_flags_curves_and_resumes(tmp_path, monkeypatch):
         assert r["n"] == N and r["n_aa"] == 32 and isinstance(r["suspect"], bool)
     assert rows["derd-seed0"]["method"] == "derd" and rows["derd-seed0"]["seed"] == 0
     assert rows["Nature"]["PGD_S"] < rows["SAT"]["PGD_S"]
-    flags = json.loads((tmp_path / "metrics/eval_flags/SAT.json").read_text())
+    (sat_flags,) = [p for p in (tmp_path / "artifacts/eval_flags").glob("SAT-*.json") if ".aa." not in p.name]
+    flags = json.loads(sat_flags.read_text())
     assert len(flags["entries"]["PGD_S"]["flags"]) == N and len(flags["entries"]["AA"]["flags"]) == 32
     assert 100 * sum(flags["entries"]["PGD_S"]["flags"]) / N == pytest.approx(rows["SAT"]["PGD_S"], abs=0.01)
     table = (tmp_path / "metrics/eval_table.md").read_text()
@@ -106,10 +107,10 @@ def test_stage_writes_table_flags_curves_and_resumes(tmp_path, monkeypatch):
 
 
 def test_interrupted_stage_resumes_to_same_rows(tmp_path, monkeypatch):
-    _project(tmp_path, students=())
+    _project(tmp_path)
     cfg = _cfg(sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"]})
     reference = evaluate.run(cfg, tmp_path)["rows"]
-    for f in (tmp_path / "metrics/eval_flags").glob("SAT*"):
+    for f in (tmp_path / "artifacts/eval_flags").glob("SAT*"):
         f.unlink()  # SAT "never finished"
     calls = []
     real = evaluate.robust_flags
@@ -148,9 +149,38 @@ def test_changed_setting_reruns_only_that_attack(tmp_path):
 def test_student_without_sidecar_is_a_clear_error(tmp_path):
     _project(tmp_path, students=())
     (tmp_path / "artifacts/students").mkdir(parents=True)
-    torch.save(tiny_model("robust").state_dict(), tmp_path / "artifacts/students/orphan.pt")
-    with pytest.raises(CheckpointError, match="orphan.*sidecar"):
+    torch.save(tiny_model("robust").state_dict(), tmp_path / "artifacts/students/derd-seed0.pt")
+    with pytest.raises(CheckpointError, match="derd-seed0.*sidecar"):
         evaluate.run(_cfg(), tmp_path)
+
+
+def test_only_the_recorded_students_are_evaluated(tmp_path):
+    """Leftovers of earlier methods or seeds in artifacts/students/ are not rows of this configuration."""
+    _project(tmp_path, students=("derd-seed0", "dfad-seed3"))
+    cfg = _cfg(sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"], "n_examples": 4})
+    assert [r["model"] for r in evaluate.run(cfg, tmp_path)["rows"]] == ["Nature", "SAT", "derd-seed0"]
+    with pytest.raises(CheckpointError, match="derd-seed1.pt.*not found"):
+        evaluate.run(config.parse({**cfg.model_dump(), "stage2": {"seeds": [0, 1]}}), tmp_path)
+
+
+def test_attack_code_or_autoattack_version_change_recomputes_the_flags(tmp_path, monkeypatch):
+    """Flags are keyed by the attack code and the AutoAttack package: a fixed attack is never served stale."""
+    _project(tmp_path)
+    cfg = _cfg(sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"], "n_examples": 4})
+    evaluate.run(cfg, tmp_path)
+    calls = []
+    real = evaluate.robust_flags
+    monkeypatch.setattr(evaluate, "robust_flags", lambda *a, **k: calls.append(1) or real(*a, **k))
+    evaluate.run(cfg, tmp_path)
+    assert calls == [], "unchanged code: every flag comes from the store"
+    monkeypatch.setattr(evaluate, "code_hash", lambda *parts: "an-attack-fix")
+    evaluate.run(cfg, tmp_path)
+    assert len(calls) == 3 * 5, "changed attack code: every white-box column of every model runs again"
+    calls.clear()
+    real_backend = evaluate.backend
+    monkeypatch.setattr(evaluate, "backend", lambda p: (*real_backend(p)[:2], "99.0"))
+    evaluate.run(cfg, tmp_path)
+    assert len(calls) == 3 * 5, "another AutoAttack version: the flags are recomputed"
 
 
 def test_unknown_autoattack_attack_is_a_config_error():

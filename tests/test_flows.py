@@ -42,12 +42,15 @@ def test_pipeline_flow_runs_every_stage_flow_and_records_each_run(pipeline_run):
     assert ("pipeline", "COMPLETED", None) in runs
     subflows = {name for name, state, parent in runs if state == "COMPLETED" and parent is not None}
     assert {s.name for s in STAGES} <= subflows, "every stage flow runs as a subflow of the pipeline"
+    cfg = config.load(pipeline_run / "params.yaml")
+    units = {"warmup": cfg.stage1_units(), "distill": cfg.student_units()}
     for stage in STAGES:
-        record = read_json(stage.record(pipeline_run))
-        assert record["stage"] == stage.name and len(record["mlflow_run_id"]) == 32
+        for unit in units.get(stage.name, [None]):
+            record = read_json(stage.record(pipeline_run, unit))
+            assert record["stage"] == stage.name and record.get("unit") == unit and len(record["mlflow_run_id"]) == 32
     assert (pipeline_run / "reports" / "report.html").is_file()
     student = read_json(pipeline_run / "artifacts" / "students" / "derd-seed0.json")
-    assert student["mlflow_run_id"] == read_json(STAGES[2].record(pipeline_run))["mlflow_run_id"]
+    assert student["mlflow_run_id"] == read_json(STAGES[2].record(pipeline_run, "derd-seed0"))["mlflow_run_id"]
 
 
 def test_a_stage_flow_alone_logs_a_new_child_under_the_same_parent(pipeline_run):

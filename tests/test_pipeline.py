@@ -1,13 +1,15 @@
 """End-to-end smoke of the DVC pipeline on the micro profile, in a throw-away copy of the project.
 
 `dvc repro` runs every stage through the `derd` CLI (Prefect flows against the session's test
-server, MLflow in the copy's store); then a Stage-II change reruns distill and what follows, never
-teachers or warm-up, and MLflow shows which runs produced what.
+server, MLflow in the copy's store), recording what each stage reads so that dvc.yaml is checked
+against it; dry runs show what each kind of change reruns; a Stage-II change reruns distill and what
+follows, never teachers or warm-up, and MLflow shows which runs produced what.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from derd import config
 from derd.io import read_json
 from pipelines import tracking
 from pipelines.stages import STAGES
+from dependencies import mismatches
 from pipeline_profile import write_params
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -52,14 +55,9 @@ def project(tmp_path_factory, prefect_api) -> tuple[Path, dict[str, str]]:
 
 
 def _declared(root: Path) -> list[Path]:
-    """Every out, metric and plot that dvc.yaml declares."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    paths = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                paths.append(root / (next(iter(entry)) if isinstance(entry, dict) else entry))
-    return paths
+    """Every out, metric and plot of every resolved stage (dvc.lock expands foreach/matrix)."""
+    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return [root / out["path"] for stage in stages.values() for out in stage.get("outs", [])]
 
 
 def _runs(root: Path):
@@ -79,16 +77,25 @@ def _stage_runs(children, stage: str):
     return [r for r in children if r.data.tags["derd.stage"] == stage]
 
 
-def test_dvc_pipeline_end_to_end_and_stage2_rerun(project):
+def _ran(out: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", out)
+
+
+def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
     root, env = project
-    out = _run(["dvc", "repro"], root, env)
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    out = _run(["dvc", "repro"], root, {**env, "DERD_TRACE_READS": str(traces)})
     assert "Report: " in out and "derd ui" in out, "the report stage must say where the report is"
     missing = [str(p.relative_to(root)) for p in _declared(root) if not p.exists()]
     assert not missing, f"declared outputs missing after dvc repro: {missing}"
-    assert "up to date" in _run(["dvc", "status"], root, env)
+    assert mismatches(root, traces) == {}, "dvc.yaml must declare exactly what each stage reads"
+    stale = json.loads(_run(["dvc", "status", "--json"], root, env))
+    assert set(stale) <= {"inputs"}, f"after dvc repro only the always-run inputs stage may differ: {stale}"
     (shown,) = json.loads(_run(["dvc", "metrics", "show", "--json"], root, env)).values()  # the workspace
     table = shown["data"]["metrics/eval.json"]["data"]["table"]
-    assert set(table) == {"Nature", "SAT", "derd-seed0", "dafl-seed0"} and "AA" in table["derd-seed0"]
+    assert set(table) == {"Nature", "SAT", "derd-seed0", "dafl-seed0", "rslad_real-seed0"}
+    assert "AA" in table["derd-seed0"]
     plots = json.loads(_run(["dvc", "plots", "show", "--json"], root, env))
     assert not plots.get("errors") and any("distill" in name for name in plots["data"])
 
@@ -99,12 +106,16 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project):
     assert parent.data.tags["derd.params_hash"] == tracking.config_hash(cfg)
     assert parent.data.params["stage2.lambda_rob"] == "0.5" and parent.data.params["stage2.iterations"] == "2"
     assert {"Nature/AA", "SAT/Ave", "derd-seed0/Clean", "dafl-seed0/PGD_S"} <= set(parent.data.metrics)
-    assert sorted(r.data.tags["derd.stage"] for r in children) == sorted(s.name for s in STAGES)
+    units = {"warmup": cfg.stage1_units(), "distill": cfg.student_units()}
+    expected = sorted(f"{s.name}.{u}" if u else s.name for s in STAGES for u in units.get(s.name, [None]))
+    names = sorted(f"{r.data.tags['derd.stage']}.{r.data.tags['derd.unit']}".rstrip(".") for r in children)
+    assert names == expected
     for child in children:
+        key = f"{child.data.tags['derd.stage']}.{child.data.tags['derd.unit']}".rstrip(".")
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["derd.autoattack"] and child.data.tags["version.torch"]
-        assert parent.data.tags[f"derd.run.{child.data.tags['derd.stage']}"] == child.info.run_id
-    distill = _stage_runs(children, "distill")[0]
+        assert parent.data.tags[f"derd.run.{key}"] == child.info.run_id
+    distill = next(r for r in _stage_runs(children, "distill") if r.data.tags["derd.unit"] == "derd-seed0")
     assert distill.data.params["stage2.lambda_rob"] == "0.5"
     curve = client.get_metric_history(distill.info.run_id, "derd-seed0/L_rob")
     assert [m.step for m in curve] == [1, 2], "per-step Stage-II losses are logged with their iteration"
@@ -115,16 +126,30 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project):
     teachers_run = _stage_runs(children, "teachers")[0].info.run_id
     assert read_json(root / "artifacts/teachers/natural.json")["mlflow_run_id"] == teachers_run
 
+    # what reruns, per change (dry runs: nothing is trained)
+    def dry(changes: dict) -> list[str]:
+        write_params(root / "params.yaml", changes)
+        return [s for s in _ran(_run(["dvc", "repro", "--dry"], root, env)) if s != "inputs"]
+
+    assert dry({"stage2.seeds": [0, 1]}) == ["distill@derd-1", "distill@dafl-1", "distill@rslad_real-1", "evaluate",
+                                             "report"], \
+        "a new seed trains only its students"
+    assert dry({"stage2.methods": ["derd", "dafl", "rslad_real", "dfad"]}) == ["distill@dfad-0", "evaluate", "report"]
+    assert dry({"stage1.inversion.steps": 3}) == ["inversion", "report"], "a DERD_inv key never retrains a generator"
+    assert dry({"eval.n_examples": 12}) == ["evaluate", "report"]
+    assert dry({"data.root": "elsewhere", "data.download": True, "device": "auto"}) == ["report"], \
+        "where the data lives and the device are not inputs of the numbers"
+
     # A Stage-II change: distill, evaluate and report rerun; teachers and warm-up come from the cache.
     write_params(root / "params.yaml", {"stage2.lambda_rob": 1.0})
     out = _run(["dvc", "repro"], root, env)
     assert "Stage 'teachers' didn't change, skipping" in out
-    assert "Stage 'warmup' didn't change, skipping" in out
-    assert "Running stage 'distill'" in out and "Running stage 'report'" in out
+    assert "Stage 'warmup@natural' didn't change, skipping" in out
+    assert "Running stage 'distill@derd-0'" in out and "Running stage 'report'" in out
     client, parents, children = _runs(root)
     assert len(parents) == 2
-    assert len(_stage_runs(children, "teachers")) == 1 and len(_stage_runs(children, "warmup")) == 1
-    assert len(_stage_runs(children, "distill")) == 2
+    assert len(_stage_runs(children, "teachers")) == 1 and len(_stage_runs(children, "warmup")) == 2
+    assert len(_stage_runs(children, "distill")) == 6
     new_parent = next(p for p in parents if p.info.run_id != parent.info.run_id)
     assert new_parent.data.params["stage2.lambda_rob"] == "1.0"
     assert new_parent.data.tags["derd.run.teachers"] == teachers_run, "the cached teachers stay linked"
@@ -141,9 +166,10 @@ def test_experiment_in_a_temp_dir_reuses_stage1_and_logs_to_the_project_store(pr
     _run(["git", "commit", "-qm", "locked"], root, env)
     _, _, before = _runs(root)
     out = _run(["dvc", "exp", "run", "--temp", "-S", "stage2.lambda_rob=2"], root, env)
-    assert "Running stage 'warmup'" not in out and "Running stage 'teachers'" not in out
-    assert "Running stage 'distill'" in out
+    assert not [s for s in _ran(out) if s.startswith(("warmup", "inversion", "teachers"))]
+    assert "Running stage 'distill@derd-0'" in out
     _, parents, children = _runs(root)
-    assert len(_stage_runs(children, "distill")) == len(_stage_runs(before, "distill")) + 1
+    students = config.load(root / "params.yaml").student_units()  # every method declares stage2.lambda_rob
+    assert len(_stage_runs(children, "distill")) == len(_stage_runs(before, "distill")) + len(students)
     assert any(float(p.data.params["stage2.lambda_rob"]) == 2.0 for p in parents)
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db")), "a run was logged inside the temp copy"

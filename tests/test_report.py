@@ -32,17 +32,17 @@ def root(tmp_path):
     write_json(paths.metrics / "eval.json", {"dataset": "digits", "eps": 0.2, "n_examples": 8, "rows": rows,
                                              "autoattack": {"package": "pyautoattack", "version": "0.2.0",
                                                             "aa_version": "standard", "n_examples": 8}})
-    write_json(paths.metrics / "distill.json", {"derd-seed0": {"method": "derd", "reading": {"aggregation": "sga"}}})
-    for name in ("eps_curve.png", "warmup_samples.png"):
-        (paths.plots).mkdir(parents=True, exist_ok=True)
+    write_json(paths.metrics / "distill" / "derd-seed0.json", {"method": "derd", "reading": {"aggregation": "sga"}})
+    for name in ("eps_curve.png", "warmup/generator_natural.png"):
+        (paths.plots / name).parent.mkdir(parents=True, exist_ok=True)
         (paths.plots / name).write_bytes(PNG)
-    write_text(paths.plots / "warmup.csv", "artifact,step,total\ng,0,1.0\ng,1,0.5\n")
+    write_text(paths.plots / "warmup" / "generator_natural.csv", "artifact,step,total\ng,0,1.0\ng,1,0.5\n")
     write_text(paths.plots / "distill" / "derd-seed0.csv", "iteration,L_rob,seconds\n1,0.3,0.1\n2,0.2,0.2\n")
     return tmp_path
 
 
 def test_html_has_every_model_aggregated_and_embeds_every_image(root):
-    result = report.run(config.parse({}), root)
+    result = report.run(config.parse({"stage2": {"methods": ["derd", "dafl", "cmi"], "seeds": [0, 1]}}), root)
     page = (root / "reports" / "report.html").read_text()
     table = page[page.index("<tbody>"):page.index("</tbody>")]
     labels = re.findall(r"<tr[^>]*><th>([^<]+)</th>", table)

@@ -13,7 +13,6 @@ MICRO = {
         "natural": {"arch": "small_cnn", "width": 8, "train": {"epochs": 6, "batch_size": 32, "lr": 0.1}},
         "robust": {"arch": "small_cnn", "width": 8, "method": "pgd_at", "train": {"epochs": 6, "batch_size": 32, "lr": 0.1},
                    "attack": {"eps": 0.1, "steps": 3, "step_size": 0.04}},
-        "eval_pgd_steps": 5,
     },
 }
 

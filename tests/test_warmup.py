@@ -10,7 +10,7 @@ from stage1_helpers import tiny_config
 from derd import data, teachers, warmup
 from derd.config import ConfigError, parse
 from derd.health import generator_health
-from derd.io import CheckpointError, read_json, sidecar_path
+from derd.io import CheckpointError, file_hash, read_json, sidecar_path
 from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.runtime import Paths, seed_everything
@@ -47,22 +47,26 @@ def test_run_writes_every_artifact(stage1_run):
     for role in ("natural", "robust"):
         meta = read_json(sidecar_path(paths.generator(role)))
         assert meta["teacher_role"] == role
-        assert meta["teacher_sha256"] == warmup.file_sha256(paths.teacher(role))
+        assert meta["teacher_sha256"] == file_hash(paths.teacher(role))
         assert meta["arch"] == "dafl" and meta["nz"] == cfg.stage1.generator.nz and meta["shape"] == [1, 8, 8]
-        assert meta["params_hash"] == warmup.params_hash(cfg)
+        assert meta["params_hash"] == warmup.params_hash(cfg, f"generator_{role}")
         assert set(meta["final_terms"]) == {"total", "oh", "ie", "bn", "a", "w_oh", "w_ie", "w_bn", "w_a"}
         assert sum(meta["health"]["class_histogram"]) == cfg.stage1.health_samples
     assert read_json(sidecar_path(paths.inversion_pool))["teacher_role"] == "natural"
-    assert set(read_json(paths.metrics / "warmup.json")) >= {"generator_natural", "generator_robust", "inversion_pool"}
-    assert (paths.plots / "warmup_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for unit in ("generator_natural", "generator_robust", "inversion_pool"):
+        assert read_json(paths.metrics / "warmup" / f"{unit}.json")["params_hash"] == warmup.params_hash(cfg, unit)
+        assert (paths.plots / "warmup" / f"{unit}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(paths.checkpoints.glob("stage1_*")), "finished units leave no resume state behind"
 
 
 def test_csv_logs_every_raw_and_weighted_term_per_step(stage1_run):
     cfg, root, _ = stage1_run
-    lines = (Paths(root).plots / "warmup.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    assert {"artifact", "teacher_role", "step", "lr", "total", "oh", "w_oh", "ie", "w_ie", "bn", "w_bn", "a", "w_a"} <= set(header)
-    artifacts = [line.split(",")[header.index("artifact")] for line in lines[1:]]
+    artifacts = []
+    for unit in cfg.stage1_units():
+        lines = (Paths(root).plots / "warmup" / f"{unit}.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        assert {"artifact", "teacher_role", "step", "lr", "total", "oh", "w_oh", "ie", "w_ie", "bn", "w_bn", "a", "w_a"} <= set(header)
+        artifacts += [line.split(",")[header.index("artifact")] for line in lines[1:]]
     inv = cfg.stage1.inversion
     assert artifacts.count("generator_natural") == artifacts.count("generator_robust") == cfg.stage1.iterations
     assert artifacts.count("inversion_pool") == inv.steps * -(-inv.pool_size // inv.batch_size)
@@ -136,7 +140,7 @@ def test_collapse_detection_fires_on_a_one_image_generator(teacher_root):
 
 
 def test_warmup_resumes_to_the_same_generator(teacher_root, tmp_path, monkeypatch):
-    cfg = tiny_config(iterations=25, checkpoint_every=5, robust_generator=False,
+    cfg = tiny_config(iterations=25, checkpoint_every=5, generators=["natural"],
                       inversion={"pool_size": 0})
     full = _copy_teachers(teacher_root, tmp_path / "full")
     warmup.train_generator(cfg, full, "natural", torch.device("cpu"), [])
@@ -164,13 +168,23 @@ def test_warmup_resumes_to_the_same_generator(teacher_root, tmp_path, monkeypatc
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     steps_run.clear()
-    other = tiny_config(iterations=25, checkpoint_every=5, robust_generator=False, inversion={"pool_size": 0}, lr=0.02)
+    other = tiny_config(iterations=25, checkpoint_every=5, generators=["natural"], inversion={"pool_size": 0}, lr=0.02)
     warmup.train_generator(other, broken, "natural", torch.device("cpu"), [])
     assert steps_run == list(range(25))  # a checkpoint of other params is not resumed
 
+    # a resume state written by other code (an edited derd/losses.py, say) is discarded, not resumed
+    monkeypatch.setattr(warmup, "check_finite", fail_at_step_12)
+    with pytest.raises(FloatingPointError):
+        warmup.train_generator(cfg, broken, "natural", torch.device("cpu"), [])
+    monkeypatch.setattr(warmup, "check_finite", real_check)
+    monkeypatch.setattr("derd.resume.code_hash", lambda *parts: "edited-code")
+    steps_run.clear()
+    warmup.train_generator(cfg, broken, "natural", torch.device("cpu"), [])
+    assert steps_run == list(range(25))
+
 
 def test_nan_stops_the_warmup_loudly(teacher_root, tmp_path, monkeypatch):
-    cfg = tiny_config(iterations=3, robust_generator=False, inversion={"pool_size": 0})
+    cfg = tiny_config(iterations=3, generators=["natural"], inversion={"pool_size": 0})
     root = _copy_teachers(teacher_root, tmp_path)
 
     def nan_generator(*args, **kwargs):
@@ -186,14 +200,14 @@ def test_nan_stops_the_warmup_loudly(teacher_root, tmp_path, monkeypatch):
 
 
 def test_no_natural_teacher_variant_needs_the_robust_generator():
-    with pytest.raises(ConfigError, match="stage1.robust_generator"):
-        parse({"stage1": {"robust_generator": False}, "stage2": {"methods": ["derd_no_tnat"]}})
+    with pytest.raises(ConfigError, match="stage1.generators"):
+        parse({"stage1": {"generators": ["natural"]}, "stage2": {"methods": ["derd_no_tnat"]}})
     with pytest.raises(ConfigError, match="stage1.inversion.pool_size"):
         parse({"stage1": {"inversion": {"pool_size": 0}}, "stage2": {"methods": ["derd_inv"]}})
 
 
 def test_inversion_pool_resumes_batch_by_batch(teacher_root, tmp_path, monkeypatch):
-    cfg = tiny_config(robust_generator=False, checkpoint_every=1,
+    cfg = tiny_config(generators=["natural"], checkpoint_every=1,
                       inversion={"pool_size": 30, "batch_size": 10, "steps": 4, "lr": 0.1})
     full = _copy_teachers(teacher_root, tmp_path / "full")
     warmup.build_inversion_pool(cfg, full, torch.device("cpu"), [])

@@ -1,19 +1,17 @@
 """Stage-II: robust distillation. DERD, its variants and the data-free baselines, one registry.
 
-``run(cfg, root)`` trains one student per (method in stage2.methods, seed in stage2.seeds) and
-writes metrics/distill.json; ``train_student(cfg, method, seed, root)`` trains one (the pipeline
-runs one task per call). Students: artifacts/students/<method>-seed<k>.pt (+ .json sidecar);
-curves: plots/distill/<method>-seed<k>.csv; resume checkpoints: artifacts/checkpoints/.
+One unit of work per (method in stage2.methods, seed in stage2.seeds), named ``<method>-seed<k>``
+(DVC runs one stage per unit): ``run_unit`` trains it and writes artifacts/students/<unit>.pt (+ .json
+sidecar), plots/distill/<unit>.csv and metrics/distill/<unit>.json; resume state lives in
+artifacts/checkpoints/ until the student is saved.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import Config, ConfigError, untraced
 from ..io import write_json
 from ..runtime import Paths
 from .loop import Context, Method, fit
@@ -41,12 +39,16 @@ def get_method(name: str) -> type[Method]:
     return _METHODS[name]
 
 
+STUDENT_KEYS = (  # what a student depends on besides its teachers' and generator's files (hashed separately)
+    "data.name", "data.image_size", "data.augment", "teachers.natural.arch", "teachers.natural.width",
+    "teachers.robust.arch", "teachers.robust.width", "stage1.generator", "stage1.lambda_oh", "stage1.lambda_ie",
+    "stage1.lambda_bn", "stage1.lambda_a", "stage1.ie_log_base", "stage2",
+)
+
+
 def params_hash(cfg: Config) -> str:
     """Hash of everything a student depends on (stage2.methods/seeds excluded: they pick, not shape)."""
-    data = cfg.model_dump(mode="json")
-    data["stage2"] = {k: v for k, v in data["stage2"].items() if k not in ("methods", "seeds")}
-    chosen = {k: data[k] for k in ("seed", "data", "teachers", "stage1", "stage2")}
-    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+    return cfg.section_hash(*STUDENT_KEYS, exclude=("stage2.methods", "stage2.seeds"))
 
 
 def train_student(cfg: Config, method: str, seed: int, root: Path = Path(".")) -> dict[str, Any]:
@@ -54,23 +56,30 @@ def train_student(cfg: Config, method: str, seed: int, root: Path = Path(".")) -
     return fit(cfg, get_method(method), seed, Path(root), params_hash(cfg))
 
 
+def run_unit(cfg: Config, root: Path, unit: str, train: Callable[..., dict[str, Any]] = train_student) -> dict[str, Any]:
+    """Train one student (by ``train``, e.g. a pipeline task wrapping :func:`train_student`) and write its
+    summary to metrics/distill/<unit>.json."""
+    with untraced():  # naming a unit is not a dependency on the others
+        known = cfg.student_units()
+    if unit not in known:
+        raise ConfigError(f"distill unit {unit!r}: not one of stage2.methods × stage2.seeds ({known})")
+    method, seed = unit.rsplit("-seed", 1)
+    side = train(cfg, method, int(seed), root)
+    summary = {
+        "method": method, "label": side["label"], "seed": int(seed), "runtime_seconds": side["runtime_seconds"],
+        "final": side["final"], "reading": side["reading"],
+        "student": str(Paths(Path(root)).student(method, int(seed)).relative_to(Path(root))),
+    }
+    write_json(Paths(Path(root)).metrics / "distill" / f"{unit}.json", summary)
+    return summary
+
+
 def run(cfg: Config, root: Path = Path("."), train: Callable[..., dict[str, Any]] = train_student) -> dict[str, Any]:
-    """The distill stage: every method × seed of stage2 (each by ``train``, e.g. a pipeline task wrapping
-    :func:`train_student`), then metrics/distill.json."""
-    results = {}
-    for method in cfg.stage2.methods:
-        for seed in cfg.stage2.seeds:
-            side = train(cfg, method, seed, root)
-            results[f"{method}-seed{seed}"] = {
-                "method": method, "label": side["label"], "seed": seed, "runtime_seconds": side["runtime_seconds"],
-                "final": side["final"], "reading": side["reading"],
-                "student": str(Paths(Path(root)).student(method, seed).relative_to(Path(root))),
-            }
-    write_json(Paths(Path(root)).metrics / "distill.json", results)
-    return results
+    """Every student of stage2.methods × stage2.seeds, one unit each."""
+    return {unit: run_unit(cfg, Path(root), unit, train) for unit in cfg.student_units()}
 
 
 from . import cmi, dafl, derd, dfad, dfard, rslad_real, zskt  # noqa: E402,F401  (fill the registry)
 
 __all__ = ["Context", "Method", "register_method", "registered_methods", "get_method", "train_student", "run",
-           "params_hash"]
+           "run_unit", "params_hash"]

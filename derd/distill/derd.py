@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import warmup
 from ..io import check_finite
 from ..losses import BNStatistics, StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
 from ..models import build_generator
@@ -38,8 +39,6 @@ def discrepancy(kind: str, student_logits: torch.Tensor, teacher_logits: torch.T
 
 def stage1_generator(ctx: Context, teacher_role: str):
     """The cached Stage-I generator warmed up on ``teacher_role`` (a clear error when missing)."""
-    from .. import warmup
-
     return warmup.load_generator(ctx.cfg, ctx.root, teacher_role)
 
 
@@ -180,11 +179,10 @@ class DERDInversion(DERD):
     """Supplementary §3.1: no generator; batches drawn (with crop+flip) from the Stage-I inversion pool."""
 
     generator_source = None
+    uses_pool = True
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        from .. import warmup
-
         self.pool = warmup.load_inversion_pool(ctx.root).to(ctx.device)
 
     def generator_step(self, it: int) -> dict[str, Any]:

@@ -8,8 +8,6 @@ monitoring (curves only) and the final artifact. The saved student is the last o
 """
 from __future__ import annotations
 
-import csv
-import io as _io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +19,9 @@ from torch import nn
 from .. import data as datasets
 from ..attacks import KLPGD, PGD
 from ..config import Config
-from ..io import check_finite, load_tensors, save_artifact, save_tensors, write_text
+from ..curves import read_rows, write_rows
+from ..io import check_finite, file_hash, save_artifact
+from ..resume import ResumeState, make_key
 from ..runtime import Paths, log, progress, resolve_device, seed_everything
 from ..teachers import accuracy, build_for, load_teacher
 
@@ -112,6 +112,7 @@ class Method:
     label: ClassVar[str] = ""  # how tables name the row (e.g. "DFARD-style")
     teachers: ClassVar[tuple[str, ...]] = ("robust",)
     generator_source: ClassVar[str | None] = "scratch"  # stage1:natural | stage1:robust | scratch | None
+    uses_pool: ClassVar[bool] = False  # reads the Stage-I inversion pool (DERD_inv)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -151,21 +152,11 @@ class Method:
 
 
 # -------------------------------------------------------------------- curves and checkpoints
-def write_curves(path: Path, rows: list[dict[str, float]]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
 def read_curves(path: Path, before: int) -> list[dict[str, float]]:
     """Rows of an earlier (interrupted) run up to iteration ``before`` (exclusive)."""
     if not path.is_file():
         return []
-    with path.open() as f:
-        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    rows = [{k: float(v) for k, v in r.items() if v != ""} for r in read_rows(path)]
     return [r for r in rows if r["iteration"] < before]
 
 
@@ -183,19 +174,20 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def monitor(ctx: Context) -> dict[str, float]:
-    """Clean and cheap PGD accuracy of the student on the monitored split (curves only, never selection)."""
+    """Clean and cheap PGD accuracy (at stage2.attack.eps) of the student on the monitored split (curves only,
+    never selection)."""
     s2 = ctx.s2
     x, y = ctx.monitor_data
-    eps = ctx.cfg.eval.eps
+    eps = s2.attack.eps
     steps = s2.monitor_pgd_steps
     attack = PGD(ctx.student, eps, steps=steps, step_size=2.5 * eps / steps, seed=0)
     x_adv = torch.cat([attack(x[i : i + 256], y[i : i + 256]).cpu() for i in range(0, len(x), 256)])
     return {"monitor_clean": accuracy(ctx.student, x, y), "monitor_pgd": accuracy(ctx.student, x_adv, y)}
 
 
-def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float, params_hash: str) -> dict:
+def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float) -> dict:
     state = {
-        "iteration": it, "seconds": seconds, "params_hash": params_hash,
+        "iteration": it, "seconds": seconds,
         "student": ctx.student.state_dict(), "opt_s": ctx.opt_s.state_dict(), "sched_s": ctx.sched_s.state_dict(),
         "rng": ctx.rng.get_state(), "torch_rng": torch.get_rng_state(), "method": method.state_dict(),
     }
@@ -222,7 +214,7 @@ def _restore(ctx: Context, method: Method, state: dict) -> None:
 
 
 def _train(ctx: Context, method: Method, start: int, seconds_before: float, rows: list[dict[str, float]],
-           ckpt: Path, curves: Path, params_hash: str, tag: str) -> tuple[list[dict[str, float]], float]:
+           resume: ResumeState, curves: Path, tag: str) -> tuple[list[dict[str, float]], float]:
     """Iterations ``start`` … end: generator step, k_student student steps, curves, checkpoints."""
     s2 = ctx.s2
     t0 = time.monotonic()
@@ -243,11 +235,22 @@ def _train(ctx: Context, method: Method, start: int, seconds_before: float, rows
             rows.append(row)
             window = []
         if done % s2.checkpoint_every == 0 and done < s2.iterations:
-            save_tensors(ckpt, _checkpoint_state(ctx, method, done, seconds_before + time.monotonic() - t0, params_hash))
-            write_curves(curves, rows)
+            resume.save(**_checkpoint_state(ctx, method, done, seconds_before + time.monotonic() - t0))
+            write_rows(curves, rows)
     runtime = seconds_before + time.monotonic() - t0
-    write_curves(curves, rows)
+    write_rows(curves, rows)
     return rows, runtime
+
+
+def input_hashes(ctx: Context, method_cls: type[Method]) -> list[str]:
+    """Hashes of the files a student is computed from: its teachers and its Stage-I artifact."""
+    paths = Paths(ctx.root)
+    files = [paths.teacher(role) for role in method_cls.teachers]
+    source = method_cls.generator_source or ""
+    if source.startswith("stage1:") and ctx.s2.generator_init == "stage1":
+        files.append(paths.generator(source.split(":")[1]))
+    files += [paths.inversion_pool] if method_cls.uses_pool else []
+    return [f"{f.name}:{file_hash(f)}" for f in files if f.is_file()]
 
 
 def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_hash: str) -> dict[str, Any]:
@@ -261,20 +264,16 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
         ctx.monitor_data = datasets.first_n(getattr(splits, s2.monitor_split), s2.monitor_examples)
     method = method_cls(ctx)
     tag = f"{method_cls.name}-seed{seed}"
-    ckpt = paths.checkpoints / f"distill_{tag}.pt"
     curves = paths.plots / "distill" / f"{tag}.csv"  # one directory: a single DVC out for any methods
+    resume = ResumeState(paths.checkpoints / f"distill_{tag}.pt", make_key(params_hash, input_hashes(ctx, method_cls)))
     start, seconds_before = 0, 0.0
-    if ckpt.is_file():
-        state = load_tensors(ckpt)
-        if state.get("params_hash") == params_hash:
-            _restore(ctx, method, state)
-            start, seconds_before = int(state["iteration"]), float(state["seconds"])
-            log.info("distill[%s]: resuming from iteration %d (%s)", tag, start, ckpt)
-        else:
-            log.info("distill[%s]: ignoring %s (other params)", tag, ckpt)
+    if state := resume.load():
+        _restore(ctx, method, state)
+        start, seconds_before = int(state["iteration"]), float(state["seconds"])
+        log.info("distill[%s]: resuming from iteration %d (%s)", tag, start, resume.path)
     rows = read_curves(curves, start) if start else []
     try:
-        rows, runtime = _train(ctx, method, start, seconds_before, rows, ckpt, curves, params_hash, tag)
+        rows, runtime = _train(ctx, method, start, seconds_before, rows, resume, curves, tag)
     finally:
         method.close()
     ctx.student.eval()
@@ -290,6 +289,6 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
     }
     path = paths.student(method_cls.name, seed)
     save_artifact(path, ctx.student.state_dict(), sidecar)
-    ckpt.unlink(missing_ok=True)
+    resume.clear()
     log.info("distill[%s]: done in %.0fs -> %s", tag, runtime, path)
     return sidecar

@@ -292,7 +292,12 @@ def wait(names: list[str], root: Path, poll: float = 20.0, patience: int = 3) ->
     last: dict[str, str] = {}
     idle = 0
     while True:
-        found = experiments(show(root))
+        try:
+            found = experiments(show(root))
+        except SweepError as exc:  # e.g. a worker is creating its temporary copy right now: ask again
+            print(f"  (dvc exp show failed, retrying: {exc})", flush=True)
+            time.sleep(poll)
+            continue
         states = {n: found[n].state if n in found else "missing" for n in names}
         for n, s in states.items():
             if last.get(n) != s:

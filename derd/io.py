@@ -38,7 +38,7 @@ os.umask(_UMASK)
 
 @contextmanager
 def _atomic_path(path: Path):
-    """A temp file beside ``path``, renamed over it when the body succeeds. Any OS failure (a full disk:
+    """A temp file beside ``path``, fsynced and renamed over it when the body succeeds. Any OS failure (a full disk:
     ENOSPC) removes the temp file, leaves the previous ``path`` as it was and raises
     :class:`ArtifactWriteError` naming ``path``."""
     tmp = None
@@ -48,6 +48,11 @@ def _atomic_path(path: Path):
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them (a crash leaves old or new)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
         if isinstance(exc, ArtifactWriteError):

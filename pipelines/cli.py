@@ -6,7 +6,6 @@ import atexit
 import importlib
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -86,10 +85,12 @@ def _preset(name: str, params: str) -> int:
     from derd import config
 
     config.load(src)  # never install a preset that does not validate
+    from derd.io import write_bytes
+
     dst = Path(params)
     if dst.exists():
-        shutil.copyfile(dst, dst.with_suffix(".yaml.bak"))
-    shutil.copyfile(src, dst)
+        write_bytes(dst.with_suffix(".yaml.bak"), dst.read_bytes())
+    write_bytes(dst, src.read_bytes())  # atomically: an interrupted switch never leaves half a params file
     print(f"{dst} <- {src.name} (previous file kept as {dst.with_suffix('.yaml.bak').name})")
     return 0
 

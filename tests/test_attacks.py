@@ -3,6 +3,8 @@ mode; the CW margin has its hand-computed value; our PGD agrees with AutoAttack'
 AutoAttack adapter resumes an interrupted evaluation to the same numbers."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -77,10 +79,12 @@ def test_mode_restored(name, batch):
     assert torch.equal(running, model.net.body[0][1].running_mean), "BatchNorm statistics changed"
 
 
-def test_attack_moves_inputs_to_model_device(natural, batch):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: on CPU alone it would pass vacuously")
+def test_attack_moves_cpu_inputs_to_the_model_device(natural, batch):
     x, y = batch
-    out = PGD(natural, EPS, steps=2, seed=0)(x.double().float(), y)
-    assert out.device == next(natural.parameters()).device
+    model = copy.deepcopy(natural).cuda()
+    out = PGD(model, EPS, steps=2, seed=0)(x, y)  # x, y on the CPU
+    assert out.device.type == "cuda"
 
 
 def test_margin_loss_hand_computed():

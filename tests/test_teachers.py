@@ -112,4 +112,7 @@ def test_safetensors_checkpoints_load(trained, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "t.safetensors")
     model = teachers.build_for("small_cnn", 8, teachers.datasets.info(cfg.data))
     io.load_into(model, tmp_path / "t.safetensors")
+    original = teachers.load_teacher(cfg, "natural", root)
+    x = torch.rand(16, *teachers.datasets.info(cfg.data).shape)
+    torch.testing.assert_close(model.eval()(x), original(x), rtol=0, atol=0)
 

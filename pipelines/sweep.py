@@ -269,8 +269,9 @@ def experiments(show: list[dict]) -> dict[str, Experiment]:
     return found
 
 
-def show(root: Path, rev: str | None = None) -> list[dict]:
-    cmd = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
+def show(root: Path, rev: str | None = None, commits: int = 1) -> list[dict]:
+    """``dvc exp show --json`` for the baseline ``rev`` (default HEAD), or the last ``commits`` commits."""
+    cmd = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else []), *(["-n", str(commits)] if commits > 1 else [])]
     return json.loads(run_dvc(cmd, root, echo=False, capture=True) or "[]")
 
 
@@ -549,7 +550,8 @@ def table_command(path: str, root: Path = Path("."), params: str = "params.yaml"
     root = Path(root)
     sweep = load(path, root)
     workspace = _read_yaml(root / params, "params file") or {}
-    outcomes = collect(sweep, experiments(show(root, rev)), _read_full(root), workspace)
+    # rows may have been queued from different commits: each row's newest experiment, its baseline named
+    outcomes = collect(sweep, experiments(show(root, rev, commits=1 if rev else 50)), _read_full(root), workspace)
     shown = Path(path).as_posix()
     block = render(sweep, outcomes, shown)
     target = root / out

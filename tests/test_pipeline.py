@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,25 @@ def test_experiment_in_a_temp_dir_reuses_stage1_and_logs_to_the_project_store(pr
     assert len(_stage_runs(children, "distill")) == len(_stage_runs(before, "distill")) + len(students)
     assert any(float(p.data.params["stage2.lambda_rob"]) == 2.0 for p in parents)
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db")), "a run was logged inside the temp copy"
+
+
+def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(project):
+    """`dvc queue start -j 2`: both experiments finish, each logs its own parent run, neither overwrites
+    the other's outputs (each runs in its own copy; flags and MLflow are shared, content-keyed)."""
+    root, env = project
+    if not (root / "dvc.lock").exists():
+        pytest.skip("needs the pipeline of the first test")
+    for value in (3, 4):
+        _run(["dvc", "exp", "run", "--queue", "-n", f"par{value}", "-S", f"stage2.lambda_rob={value}"], root, env)
+    _run(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := _run(["dvc", "queue", "status"], root, env)) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") >= 2 and "Failed" not in status, status
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env))
+    tables = {e["name"]: e["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]["table"]
+              for b in shown for e in (b.get("experiments") or []) if e.get("name") in ("par3", "par4")}
+    assert set(tables) == {"par3", "par4"} and all("derd-seed0" in t for t in tables.values())
+    _, parents, _ = _runs(root)
+    assert {3.0, 4.0} <= {float(p.data.params["stage2.lambda_rob"]) for p in parents}

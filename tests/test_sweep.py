@@ -233,7 +233,7 @@ def test_derd_table_writes_the_block_into_the_results_file(demo, tmp_path, monke
     out.write_text("# Results\n\nkept\n")
     show = [{"rev": "b" * 40, "experiments": [{"name": "demo-derd", "executor": {"state": "success"},
                                                 "revs": [{"rev": "r1", "error": None, "data": {}}]}]}]
-    monkeypatch.setattr(sweep, "show", lambda root, rev=None: show)
+    monkeypatch.setattr(sweep, "show", lambda root, rev=None, commits=1: show)
     monkeypatch.setattr(sweep, "_read_full", lambda root: {"r1": fake_eval({"derd": [80.0, 82.0, 84.0]})}.get)
     monkeypatch.chdir(tmp_path)
     assert main(["table", "demo.yaml"]) == 0

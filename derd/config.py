@@ -10,12 +10,13 @@ import difflib
 import functools
 import hashlib
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet100")
 ARCHITECTURES = (
@@ -70,6 +71,7 @@ class Data(Section):
     train_subset: int | None = Field(None, ge=10)  # stratified seeded subset of the training split before val is carved (null = all)
     val_fraction: float = Field(0.1, ge=0, lt=1)  # carved from training data, for tuning
     split_seed: int = 0
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes for training batches (0: in the main process)
     augment: Augment = Augment()
 
 
@@ -264,7 +266,14 @@ class Tracking(Section):
 
 class Config(Section):
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            return value
+        raise ValueError(f"must be one of auto, cpu, cuda or cuda:N (N the GPU index, e.g. cuda:1)")
     data: Data = Data()
     teachers: Teachers = Teachers()
     stage1: Stage1 = Stage1()

@@ -9,6 +9,8 @@ serves real images and Stage-II pseudo images.
 """
 from __future__ import annotations
 
+import copy
+
 import gzip
 import zlib
 from collections.abc import Callable
@@ -314,7 +316,19 @@ def _imagenet100(cfg: Data) -> Splits:
     train = Subset100(str(root / "train"), transform=train_tf)
     test = Subset100(str(root / "val"), transform=test_tf)
     train_set, val_set = _carve_val(train, np.asarray(train.targets), cfg)
+    # val is carved from the training folder but evaluated like test: the deterministic eval transform
+    # (one folder scan: a shallow copy of the training ImageFolder with the other transform)
+    val_set = Subset(_with_transform(train, test_tf), val_set.indices)
     return Splits(_imagenet_info(cfg), train_set, val_set, test)
+
+
+def _with_transform(folder, transform):
+    """A shallow copy of a torchvision ImageFolder reading the same files through ``transform``."""
+    from torchvision.datasets.vision import StandardTransform
+
+    out = copy.copy(folder)
+    out.transform, out.transforms = transform, StandardTransform(transform, folder.target_transform)
+    return out
 
 
 def _imagenet_info(cfg: Data) -> DatasetInfo:
@@ -334,26 +348,42 @@ _INFOS: dict[str, Callable[[Data], DatasetInfo]] = {
 
 # ---------------------------------------------------------------- augmentation and batching
 def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop after zero padding, and optional horizontal flip, per image of a batch."""
-    n, _, h, w = x.shape
+    """Random crop after zero padding, and optional horizontal flip, per image of a batch.
+
+    Vectorised, on ``x``'s device: the offsets (and flip coins) are drawn from ``generator`` on its own
+    device (CPU by default: the draws of a seeded CPU generator are the same whatever ``x``'s device),
+    then every crop is gathered at once by advanced indexing."""
+    n, c, h, w = x.shape
+    draw_on = generator.device if generator is not None else torch.device("cpu")
     if padding > 0:
         padded = F.pad(x, (padding,) * 4)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=draw_on).to(x.device)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=draw_on).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        channel = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[batch, channel, rows, cols]
     if hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = torch.rand(n, generator=generator, device=draw_on) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
     return x
 
 
-def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+           pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+    """Seeded batches of ``dataset``: ``num_workers`` worker processes (``data.num_workers``; kept alive
+    between epochs when > 0), page-locked batches for fast host-to-GPU copies when CUDA is available
+    (``pin_memory=None``) or asked."""
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False,
+                                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
 
 
 def first_n(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` examples of a dataset as two stacked tensors (evaluation subsets)."""
+    """The first ``n`` examples of a dataset as two stacked tensors (evaluation subsets). Only those ``n``
+    are read (an ImageFolder decodes n files), never the whole split."""
     n = min(n, len(dataset))
     xs, ys = zip(*(dataset[i] for i in range(n)))
     return torch.stack(xs), torch.as_tensor(ys)

@@ -73,7 +73,8 @@ def sign_consistency_mask(grads: Sequence[Sequence[torch.Tensor]], generator: to
     for parts in zip(*grads):
         stacked = torch.stack(list(parts))
         purity = 0.5 * (1 + stacked.sum(0) / stacked.abs().sum(0).clamp_min(1e-20))
-        u = torch.rand(purity.shape, generator=generator, device="cpu").to(purity.device)
+        u = torch.rand(purity.shape, generator=generator,
+                       device=generator.device if generator is not None else purity.device)
         keep_positive = (u < purity).unsqueeze(0)
         mask = torch.where(keep_positive, stacked > 0, stacked < 0)
         out.append((stacked * mask).sum(0))
@@ -120,7 +121,21 @@ class GradientAggregator:
         self.strategy, self.rate = strategy, rate
         self.weights = torch.ones(N_EXPERTS)
         self.initial_losses: torch.Tensor | None = None
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # moves to the gradients' device at first use
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        """The mask's random stream on ``device`` (drawn there, never copied from the CPU): seeded with
+        ``seed`` on the device of the first gradients; a resumed stream continues on its own device."""
+        if self.generator.device.type != device.type:
+            if self._drawn:
+                raise RuntimeError(f"stage2 aggregation: the mask's random stream lives on {self.generator.device}, "
+                                   f"the gradients on {device}; resume on the device the run started on")
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        self._drawn = True
+        return self.generator
+
+    _drawn = False
 
     def __call__(self, g_nat: Sequence[torch.Tensor], g_rob: Sequence[torch.Tensor],
                  losses: Sequence[float]) -> tuple[Grads, dict[str, float]]:
@@ -130,7 +145,7 @@ class GradientAggregator:
         stats = {"cos_nat_rob": cosine(g_nat, g_rob), "conflict_frac": conflict_fraction(g_nat, g_rob),
                  "w_nat": float(self.weights[0]), "w_rob": float(self.weights[1])}
         device = g_nat[0].device
-        grads = STRATEGIES[self.strategy](g_nat, g_rob, self.weights.to(device), self.generator)
+        grads = STRATEGIES[self.strategy](g_nat, g_rob, self.weights.to(device), self._generator_on(device))
         if self.strategy in WEIGHTED:
             current = torch.tensor([float(v) for v in losses])
             if self.initial_losses is None:
@@ -139,12 +154,17 @@ class GradientAggregator:
         return grads, stats
 
     def state_dict(self) -> dict:
-        state = {"weights": self.weights.clone(), "generator": self.generator.get_state()}
+        state = {"weights": self.weights.clone(), "generator": self.generator.get_state(),
+                 "generator_device": str(self.generator.device)}
         if self.initial_losses is not None:
             state["initial_losses"] = self.initial_losses.clone()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"].clone()
+        device = torch.device(state.get("generator_device", "cpu"))
+        if device.type != self.generator.device.type:
+            self.generator = torch.Generator(device=device)
         self.generator.set_state(state["generator"])
+        self._drawn = True
         self.initial_losses = state.get("initial_losses")

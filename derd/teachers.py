@@ -62,7 +62,8 @@ def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config
     ``resume``, the state after every epoch is saved there and an interrupted run continues from it."""
     opt_cfg = spec.train
     opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
-    loader = datasets.loader(train_set, opt_cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = datasets.loader(train_set, opt_cfg.batch_size, shuffle=True, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, opt_cfg.lr, total_steps=opt_cfg.epochs * len(loader))
     aug = cfg.data.augment
     history: list[dict] = []

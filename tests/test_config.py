@@ -82,7 +82,13 @@ BAD = [
     ({"stage2": {"methods": ["derd_no_tnat"]}, "stage1": {"generators": ["natural"]}},
      "stage1.generators: must include robust when stage2.methods includes derd_no_tnat"),
     ({"device": "tpu"}, "device: must be one of"),
+    ({"device": "cuda1"}, "device: must be one of auto, cpu, cuda or cuda:N"),
 ]
+
+
+def test_device_names_a_gpu_by_index():
+    assert [config.parse({"device": d}).device for d in ("auto", "cpu", "cuda", "cuda:1")] == \
+        ["auto", "cpu", "cuda", "cuda:1"]
 
 
 @pytest.mark.parametrize("raw,expected", BAD, ids=[b[1].split(":")[0] for b in BAD])

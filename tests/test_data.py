@@ -43,6 +43,30 @@ def test_augment_batch_keeps_shape_range_and_is_seeded():
     assert torch.equal(data.augment_batch(x, 0, False), x)
 
 
+def _augment_per_image(x, padding, hflip, generator):
+    """The former implementation (one Python crop per image), kept as the reference."""
+    n, _, h, w = x.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+@pytest.mark.parametrize("padding,hflip,shape", [(4, True, (16, 3, 32, 32)), (2, False, (7, 1, 16, 12)),
+                                                 (0, True, (5, 3, 8, 8)), (1, True, (1, 2, 5, 6))])
+def test_vectorised_augment_equals_the_per_image_crops(padding, hflip, shape):
+    x = torch.rand(shape)
+    mine, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(3):  # the same draws, batch after batch: the streams stay in step
+        assert torch.equal(data.augment_batch(x, padding, hflip, mine), _augment_per_image(x, padding, hflip, theirs))
+    assert torch.equal(mine.get_state(), theirs.get_state())
+
+
 def _write_cifar(root, n_train=100, n_test=10):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -96,6 +120,48 @@ def test_imagenet100_reads_an_imagefolder(tmp_path):
     assert len(splits.test) == 12 and len(splits.train) + len(splits.val) == 12
     x, y = splits.test[5]
     assert x.shape == (3, 32, 32) and 0 <= y < 3
+
+
+def test_imagenet100_val_uses_the_deterministic_eval_transform(tmp_path):
+    """Val is carved from the training folder but must not see the training random crop."""
+    _write_imagefolder(tmp_path, ["n01", "n02"], per_class=4)
+    splits = data.load(Data(name="imagenet100", root=str(tmp_path), image_size=32, val_fraction=0.25))
+    train_tf, val_tf = splits.train.dataset.transform, splits.val.dataset.transform
+    assert any(type(t).__name__ == "RandomResizedCrop" for t in train_tf.transforms)
+    assert not any("Random" in type(t).__name__ for t in val_tf.transforms)
+    assert [type(t).__name__ for t in val_tf.transforms] == [type(t).__name__ for t in splits.test.transform.transforms]
+    torch.manual_seed(0)
+    a = splits.val[0][0]
+    torch.manual_seed(1)
+    assert torch.equal(a, splits.val[0][0]) and a.shape == (3, 32, 32)
+    assert splits.val.dataset.samples is splits.train.dataset.samples  # the same files, scanned once
+    assert set(splits.val.indices).isdisjoint(splits.train.indices)
+
+
+def test_first_n_reads_only_n_examples():
+    class Counting(torch.utils.data.Dataset):
+        reads = 0
+
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            Counting.reads += 1
+            return torch.full((1, 2, 2), float(i)), i
+
+    x, y = data.first_n(Counting(), 5)
+    assert Counting.reads == 5 and x.shape == (5, 1, 2, 2) and y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_loader_workers_and_pinning():
+    ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+    plain = data.loader(ds, 4, shuffle=True, seed=0)
+    assert plain.num_workers == 0 and not plain.persistent_workers
+    assert plain.pin_memory == torch.cuda.is_available()
+    two = data.loader(ds, 4, shuffle=True, seed=0, num_workers=2, pin_memory=False)
+    assert two.num_workers == 2 and two.persistent_workers and not two.pin_memory
+    assert [b[0].tolist() for b in two] == [b[0].tolist() for b in plain]  # same seeded order
+    assert Data().num_workers == 0
 
 
 def test_imagenet100_missing_class_folder_is_named(tmp_path):

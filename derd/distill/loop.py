@@ -70,7 +70,7 @@ class Context:
         if not self.s2.augment:
             return x
         aug = self.cfg.data.augment  # the dataset's own crop/flip policy (CIFAR: pad 4 + flip)
-        return datasets.augment_batch(x.cpu(), aug.crop_padding, aug.hflip, self.rng).to(self.device)
+        return datasets.augment_batch(x, aug.crop_padding, aug.hflip, self.rng)  # draws on CPU, applies on x's device
 
     def update_generator(self, loss: torch.Tensor, step: int) -> None:
         """One Adam step on the generator's parameters only (the student and teachers get no grads)."""

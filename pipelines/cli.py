@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--root", default=".", help="project root holding artifacts/, metrics/, ... (default: .)")
         if name in UNITS:
             s.add_argument("--only", metavar="UNIT", help=UNITS[name])
+        if name == "evaluate":
+            how = s.add_mutually_exclusive_group()
+            how.add_argument("--shard", metavar="I/N", type=_shard,
+                             help="evaluate only shard I of N (0 <= I < N): the eval.batch_size batches b ≡ I (mod N) "
+                                  "and AutoAttack chunks c ≡ I (mod N); writes metrics/eval_shards/, not metrics/eval.json")
+            how.add_argument("--merge", action="store_true",
+                             help="combine the N shards' per-example flags into exactly the unsharded outputs")
     pre = sub.add_parser("preset", help="copy presets/NAME.yaml over params.yaml", description="switch profile")
     pre.add_argument("name", help="one of: " + ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))))
     pre.add_argument("--params", default="params.yaml")
@@ -74,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--rev", help="baseline commit of the experiments (default: HEAD)")
     tb.add_argument("--params", default="params.yaml")
     return p
+
+
+def _shard(text: str) -> str:
+    """``I/N`` with 0 <= I < N, checked before anything heavy is imported."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return f"{i}/{n}"
 
 
 def _preset(name: str, params: str) -> int:
@@ -217,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         prefect_environment(args.root)
         flows = importlib.import_module("pipelines.flows")
         only = {"only": args.only} if getattr(args, "only", None) else {}
+        if getattr(args, "shard", None) or getattr(args, "merge", False):
+            only = {"shard": args.shard, "merge": args.merge}
         getattr(flows, f"{args.command}_flow")(params=args.params, root=args.root, **only)
         if args.command in ("report", "pipeline"):
             _where(cfg, args.root)

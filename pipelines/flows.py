@@ -137,12 +137,18 @@ def distill_flow(params: str = "params.yaml", root: str = ".", only: str | None 
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(params: str = "params.yaml", root: str = ".") -> dict:
+def evaluate_flow(params: str = "params.yaml", root: str = ".", shard: str | None = None, merge: bool = False) -> dict:
     """The robustness table, sanity checks and ε-curves, one task per model; the table's numbers also go
-    to the parent run."""
+    to the parent run. ``shard="i/n"``: only that shard's flags and record (``metrics/eval_shards/``, not
+    tracked: a part of a stage); ``merge``: the n shards combined into the stage's outputs (tracked)."""
     from derd import evaluate
     from derd.report import table_metrics
 
+    if shard is not None:
+        return evaluate.run(config.load(params), Path(root), shard=evaluate.parse_shard(shard))
+    if merge:
+        return _tracked("evaluate", params, root, lambda cfg, where: evaluate.merge(cfg, where),
+                        final_metrics=table_metrics)
     return _tracked("evaluate", params, root, lambda cfg, where: evaluate.run(cfg, where, evaluate_one=evaluate_model),
                     final_metrics=table_metrics)
 

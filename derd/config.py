@@ -93,6 +93,7 @@ class NaturalTeacher(Section):
     arch: Literal[ARCHITECTURES] = "small_resnet"
     width: int = Field(16, ge=1)  # base width of the small offline nets (ignored by others)
     checkpoint: str | None = None  # load this instead of training
+    normalize: Literal["dataset", "none"] = "dataset"  # none: the net sees raw [0,1] inputs (TRADES/RobustBench weights)
     train: Optim = Optim()
 
 

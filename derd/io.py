@@ -167,9 +167,45 @@ def extract_state_dict(obj: dict, path: str | Path = "<checkpoint>") -> dict[str
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (keys: {sorted(obj)[:8]})")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    return tensors
+    changed = True
+    while changed:  # DataParallel/DDP ``module.``, RobustBench-style wrappers ``model.`` (in any nesting)
+        changed = False
+        for prefix in ("module.", "model."):
+            if all(k.startswith(prefix) for k in tensors):
+                tensors, changed = {k.removeprefix(prefix): v for k, v in tensors.items()}, True
+    return map_wrn_keys(tensors)
+
+
+_WRN_BLOCK = re.compile(r"^block(\d+)\.layer\.(\d+)\.(bn1|conv1|bn2|conv2|convShortcut)\.(.+)$")
+_WRN_PARTS = {"bn1": "bn1", "conv1": "conv1", "bn2": "bn2", "conv2": "conv2", "convShortcut": "shortcut"}
+
+
+def map_wrn_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official TRADES WideResNet naming (also RobustBench's WideResNet) onto ``wrn34_10``'s.
+
+    TRADES: ``conv1``, ``block{1,2,3}.layer.{j}.{bn1,conv1,bn2,conv2,convShortcut}``, the unused
+    ``sub_block1.*`` (dropped), the final ``bn1`` and ``fc``. Ours: ``net.stem``,
+    ``net.layers.{(stage-1)·n + j}.{bn1,conv1,bn2,conv2,shortcut}``, ``net.final.0``, ``net.fc``. Any
+    other layout is returned unchanged."""
+    if not ("conv1.weight" in tensors and "fc.weight" in tensors and "block1.layer.0.conv1.weight" in tensors):
+        return tensors
+    per_stage = 1 + max(int(m.group(2)) for k in tensors if (m := _WRN_BLOCK.match(k)) and m.group(1) == "1")
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("sub_block1."):
+            continue  # built but never used in TRADES' forward
+        if m := _WRN_BLOCK.match(key):
+            stage, j, part, rest = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+            out[f"net.layers.{(stage - 1) * per_stage + j}.{_WRN_PARTS[part]}.{rest}"] = value
+        elif key.startswith("conv1."):
+            out["net.stem." + key.removeprefix("conv1.")] = value
+        elif key.startswith("bn1."):
+            out["net.final.0." + key.removeprefix("bn1.")] = value
+        elif key.startswith("fc."):
+            out["net." + key] = value
+        else:
+            out[key] = value  # left for load_into to report as unexpected
+    return out
 
 
 def load_into(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

@@ -25,10 +25,10 @@ ROLES = ("natural", "robust")
 CHECK_EXAMPLES, CHECK_PGD_STEPS = 1000, 10  # the sidecar's quick check on val (the table is the evaluate stage's)
 
 
-def build_for(arch: str, width: int, info: datasets.DatasetInfo) -> Classifier:
-    """An architecture sized for a dataset (channels, classes, statistics)."""
+def build_for(arch: str, width: int, info: datasets.DatasetInfo, normalize: str = "dataset") -> Classifier:
+    """An architecture sized for a dataset (channels, classes, statistics; ``normalize="none"``: identity)."""
     c, h, _ = info.shape
-    return build_model(arch, c, info.num_classes, info.mean, info.std, image_size=h, width=width)
+    return build_model(arch, c, info.num_classes, info.mean, info.std, image_size=h, width=width, normalize=normalize)
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def load_teacher(cfg: Config, role: str, root: Path = Path("."), device: str | t
     path = Paths(root).teacher(role)
     spec = _spec(cfg, role)
     info = datasets.info(cfg.data)
-    model = build_for(spec.arch, spec.width, info)
+    model = build_for(spec.arch, spec.width, info, spec.normalize)
     load_into(model, path)
     meta = read_json(sidecar_path(path)) if sidecar_path(path).exists() else {}
     if meta and (meta.get("arch") != spec.arch or meta.get("num_classes") != info.num_classes):
@@ -138,7 +138,7 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
     spec = _spec(cfg, role)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed + ROLES.index(role))
-    model = build_for(spec.arch, spec.width, splits.info).to(device)
+    model = build_for(spec.arch, spec.width, splits.info, spec.normalize).to(device)
     start = time.monotonic()
     history: list[dict] = []
     if spec.checkpoint:

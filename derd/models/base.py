@@ -47,7 +47,14 @@ def build_model(
     std: Sequence[float],
     image_size: int = 32,
     width: int = 16,
+    normalize: str = "dataset",
 ) -> Classifier:
-    """Instantiate a registered architecture wrapped with its input normalisation."""
+    """Instantiate a registered architecture wrapped with its input normalisation: the dataset's
+    ``mean``/``std`` (``normalize="dataset"``) or the identity (``"none"``: weights trained on raw [0,1]
+    inputs, such as the public TRADES and most RobustBench checkpoints)."""
+    if normalize not in ("dataset", "none"):
+        raise ValueError(f"normalize: must be dataset or none, got {normalize!r}")
+    if normalize == "none":
+        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
     net = ARCHS[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
     return Classifier(net, mean, std, arch)

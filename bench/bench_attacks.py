@@ -1,6 +1,6 @@
 """Time every evaluation attack side by side on one model (results printed, never asserted).
 
-    python bench/bench_attacks.py --params params.yaml --root . --role robust --n 450 --aa standard custom
+    python -m bench.bench_attacks --params params.yaml --root . --role robust --n 450 --aa standard custom
 
 Uses the teacher artifact of ``--role`` under ``--root`` (or ``--checkpoint`` with ``--arch/--width``),
 the test split and the ``eval`` settings of the params file. AutoAttack reports per-attack seconds.
@@ -8,7 +8,6 @@ the test split and the ``eval`` settings of the params file. AutoAttack reports 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,8 @@ from derd.attacks.autoattack import AutoAttack
 from derd.evaluate import white_box
 from derd.io import load_into
 from derd.teachers import build_for, load_teacher
+
+from .timing import once
 
 
 def main() -> None:
@@ -51,19 +52,18 @@ def main() -> None:
     attacks[f"PGD_S x{k} steps, {k} restarts"] = PGD(model, ev.eps, ev.pgd_s.steps * k, ev.pgd_s.step_size, restarts=k,
                                                      seed=cfg.seed)
     for label, attack in attacks.items():
-        start = time.monotonic()
-        acc = robust_flags(model, attack, x, y, ev.batch_size).float().mean().item()
-        print(f"{label:<34}{100 * acc:>11.2f}{time.monotonic() - start:>9.2f}")
+        flags, seconds = once(lambda attack=attack: robust_flags(model, attack, x, y, ev.batch_size))
+        print(f"{label:<34}{100 * flags.float().mean().item():>11.2f}{seconds:>9.2f}")
     for version in args.aa:
         runs = [(version, ev.autoattack.attacks if version == "custom" else None, None)]
         if version == "custom":
             runs.append(("custom", ["square"], ev.sanity.square_queries))
         for v, names, queries in runs:
-            start = time.monotonic()
-            r = AutoAttack(model, ev.eps, v, names, cfg.seed, ev.autoattack.batch_size, package=ev.autoattack.package,
-                           square_queries=queries).run(x, y)
+            r, seconds = once(lambda v=v, names=names, queries=queries: AutoAttack(
+                model, ev.eps, v, names, cfg.seed, ev.autoattack.batch_size, package=ev.autoattack.package,
+                square_queries=queries).run(x, y))
             label = f"AA {v} ({', '.join(r.attacks)})"
-            print(f"{label:<34}{100 * r.accuracy:>11.2f}{time.monotonic() - start:>9.2f}   {r.package} {r.package_version}")
+            print(f"{label:<34}{100 * r.accuracy:>11.2f}{seconds:>9.2f}   {r.package} {r.package_version}")
             for attack, acc in r.accuracy_after.items():
                 print(f"    after {attack:<24}{100 * acc:>11.2f}{r.runtime_s.get(attack, 0):>9.2f}")
             for w in r.warnings:

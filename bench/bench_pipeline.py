@@ -7,8 +7,8 @@ and torch, Prefect (temporary server, or a running one with ``--prefect-server``
 Then it changes one Stage-II key and times ``dvc repro`` (the Stage-II-only rerun) and a no-op
 ``dvc repro``.
 
-    python bench/bench_pipeline.py                      # params.yaml of the project, temporary servers
-    python bench/bench_pipeline.py --params my.yaml --prefect-server
+    python -m bench.bench_pipeline                   # params.yaml of the project, temporary servers
+    python -m bench.bench_pipeline --params my.yaml --prefect-server
 """
 from __future__ import annotations
 
@@ -21,21 +21,22 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+
+from .timing import once
 
 PROJECT = Path(__file__).resolve().parent.parent
 STAGES = ("teachers", "warmup", "distill", "evaluate", "report")
 
 
 def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
-    start = time.monotonic()
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    done, seconds = once(lambda: subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                                                check=False))
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return time.monotonic() - start
+    return seconds
 
 
 def free_port() -> int:
@@ -71,10 +72,10 @@ def main() -> None:
                                    "--port", str(port)], cwd=work, env=env, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        started = time.monotonic()
-        sh([sys.executable, "-c", "import time, urllib.request as u\nfor _ in range(240):\n try:\n"
-            f"  u.urlopen('http://127.0.0.1:{port}/api/health'); break\n except Exception: time.sleep(0.5)"], work, env)
-        print(f"prefect server start: {time.monotonic() - started:.1f}s")
+        wait = ("import time, urllib.request as u\nfor _ in range(240):\n try:\n"
+                f"  u.urlopen('http://127.0.0.1:{port}/api/health'); break\n except Exception: time.sleep(0.5)")
+        started = sh([sys.executable, "-c", wait], work, env)
+        print(f"prefect server start: {started:.1f}s")
     try:
         print(f"{'stage':10s} {'wall s':>8s} {'stage s':>8s} {'overhead s':>10s}")
         total = 0.0

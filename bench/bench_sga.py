@@ -11,25 +11,23 @@ and, for the lambda_rob_clean reading where both experts read S(x):
   same-input shared  one forward of S(x), two autograd.grad calls with retain_graph
   same-input twice   two forwards of S(x), one autograd.grad each
 
-Usage: python bench/bench_sga.py [--arch small_cnn --width 16 --size 16 --batch 128 --reps 20]
+Usage: python -m bench.bench_sga [--arch small_cnn --width 16 --size 16 --batch 128 --reps 20]
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from derd.losses import kd_kl
 from derd.models import build_model
 
+from .timing import timed as _timed
+
 
 def timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
+    """Median seconds per call after one warm-up (the shared helper)."""
+    return _timed(fn, reps=reps, warmup=1)["median_s"]
 
 
 def main() -> None:

@@ -1,12 +1,11 @@
 """Stage-I speed: seconds per generator step and per inversion step at several batch sizes.
 
-Usage: python bench/bench_warmup.py ROOT  (ROOT holds artifacts/teachers/ from `derd teachers`;
+Usage: python -m bench.bench_warmup ROOT  (ROOT holds artifacts/teachers/ from `derd teachers`;
 uses params.yaml for the teacher/generator architectures). Prints one line per setting.
 """
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,27 +16,28 @@ from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.teachers import load_teacher
 
+from .timing import once, timed
+
 
 def time_generator_steps(cfg, teacher, batch: int, steps: int = 20) -> float:
     info = data.info(cfg.data)
     g = build_generator(cfg.stage1.generator.arch, cfg.stage1.generator.nz, info.shape)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.stage1.lr)
     with StageOneLoss.from_config(teacher, cfg.stage1) as loss_fn:
-        start = time.perf_counter()
-        for _ in range(steps):
+        def step():
             loss = loss_fn(g(torch.randn(batch, g.nz))).total
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return (time.perf_counter() - start) / steps
+        return timed(step, reps=steps, warmup=0)["median_s"]
 
 
 def time_inversion_steps(cfg, teacher, batch: int, steps: int = 20) -> float:
     info = data.info(cfg.data)
     with StageOneLoss.from_config(teacher, cfg.stage1) as loss_fn:
-        start = time.perf_counter()
-        optimise_batch(loss_fn, (batch, *info.shape), steps, 0.05, torch.Generator().manual_seed(0))
-    return (time.perf_counter() - start) / steps
+        _, seconds = once(lambda: optimise_batch(loss_fn, (batch, *info.shape), steps, 0.05,
+                                                 torch.Generator().manual_seed(0)))
+    return seconds / steps
 
 
 def main(root: str) -> None:

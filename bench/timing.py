@@ -1,0 +1,105 @@
+"""The one timing helper every benchmark uses, plus machine facts and the matmul yardsticks."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def timed(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``reps`` times; seconds per call (median, min, max)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "reps": reps}
+
+
+def once(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds) of a single run (for work too long to repeat, e.g. a pipeline stage)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Time several functions round-robin (a, b, a, b, ...) so load changes on a shared machine hit all
+    of them alike; per function seconds per call (median, min, max)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "reps": reps}
+            for k, v in times.items()}
+
+
+@contextmanager
+def threads(n: int):
+    """torch intra-op threads set to ``n`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(threads_used: int) -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads_used": threads_used,
+        "torch": torch.__version__, "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        else "cpu", "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in load],
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def matmul_flops(n: int) -> float:
+    return 2.0 * n**3
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """fp32 n×n matmul throughput on the current thread count: best and median of ``reps`` (FLOP/s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = timed(lambda: a @ b, reps=reps, warmup=2)
+    return {"n": n, "threads": torch.get_num_threads(), "peak_flops": matmul_flops(n) / t["min_s"],
+            "median_flops": matmul_flops(n) / t["median_s"], "reps": reps}
+
+
+def reference_workload(count: int = 1000, n: int = 1024, n_threads: int = 2) -> dict[str, Any]:
+    """The README's wall-time budget unit: ``count`` fp32 n×n matmuls on ``n_threads`` threads."""
+    with threads(n_threads):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(count):
+            a @ b
+        seconds = time.perf_counter() - start
+    return {"matmuls": count, "n": n, "threads": n_threads, "seconds": seconds,
+            "seconds_per_1000": seconds * 1000 / count, "gflops": matmul_flops(n) * count / seconds / 1e9}

@@ -28,7 +28,7 @@ METHODS = ("derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "d
 AGGREGATIONS = ("sga", "sum", "pcgrad", "graddrop", "mtard")
 
 # keys that say where inputs live or how a run is logged, not what is computed: never part of a params hash
-WHERE_NOT_WHAT = ("data.root", "data.download", "device", "tracking")
+WHERE_NOT_WHAT = ("data.root", "data.download", "data.num_workers", "device", "tracking")
 
 
 class ConfigError(ValueError):

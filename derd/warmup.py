@@ -45,7 +45,8 @@ def params_hash(cfg: Config, unit: str) -> str:
     role = "natural" if unit == POOL else unit.removeprefix("generator_")
     other = GENERATOR_ONLY if unit == POOL else ("stage1.inversion",)
     return cfg.section_hash("seed", "data.name", "data.image_size", "stage1", f"teachers.{role}.arch",
-                            f"teachers.{role}.width", exclude=("stage1.generators", *other))
+                            f"teachers.{role}.width", f"teachers.{role}.normalize",
+                            exclude=("stage1.generators", *other))
 
 
 def lr_at(step: int, base_lr: float, total: int, schedule: str) -> float:

@@ -41,7 +41,7 @@ def get_method(name: str) -> type[Method]:
 
 STUDENT_KEYS = (  # what a student depends on besides its teachers' and generator's files (hashed separately)
     "data.name", "data.image_size", "data.augment", "teachers.natural.arch", "teachers.natural.width",
-    "teachers.robust.arch", "teachers.robust.width", "stage1.generator", "stage1.lambda_oh", "stage1.lambda_ie",
+    "teachers.natural.normalize", "teachers.robust.arch", "teachers.robust.width", "teachers.robust.normalize", "stage1.generator", "stage1.lambda_oh", "stage1.lambda_ie",
     "stage1.lambda_bn", "stage1.lambda_a", "stage1.ie_log_base", "stage2",
 )
 

@@ -175,7 +175,7 @@ def _write_trace(path: Path, reads: set[str]) -> None:
     files = {Path(f).resolve() for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))}
     modules = sorted(str(f.relative_to(project)) for f in files
                      if f.is_relative_to(project) and f.relative_to(project).parts[0] in ("derd", "pipelines"))
-    path.write_text(json.dumps({"modules": modules, "params": sorted(reads)}, indent=1))
+    path.write_text(json.dumps({"code_root": str(project), "modules": modules, "params": sorted(reads)}, indent=1))
 
 
 def _stopped(exc: BaseException) -> bool:

@@ -48,8 +48,9 @@ def declared(root: Path, stage: dict) -> tuple[set[str], set[str], set[str]]:
 
 
 def trace_name(cmd: str) -> str:
-    """``derd distill --only derd-seed0`` -> ``distill-derd-seed0.json``."""
-    args = shlex.split(cmd)[1:]
+    """``python -m pipelines.cli distill --only derd-seed0`` -> ``distill-derd-seed0.json``."""
+    words = shlex.split(cmd)
+    args = words[words.index("pipelines.cli") + 1:]
     unit = args[args.index("--only") + 1] if "--only" in args else None
     return f"{args[0]}-{unit}.json" if unit else f"{args[0]}.json"
 
@@ -69,6 +70,9 @@ def mismatches(root: Path, traces: Path) -> dict[str, dict[str, list[str]]]:
             problems[name] = {"not traced (did the stage run with DERD_TRACE_READS?)": [trace_file.name]}
             continue
         trace = json.loads(trace_file.read_text())
+        if Path(trace["code_root"]).resolve() != root.resolve():
+            problems[name] = {"ran the code of another checkout": [trace["code_root"]]}
+            continue
         code, other, params = declared(root, stage)
         entry = union.setdefault(name.split("@")[0], {k: set() for k in ("code", "other", "params", "modules", "read")})
         entry["code"] |= code

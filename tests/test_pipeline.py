@@ -47,7 +47,7 @@ def project(tmp_path_factory, prefect_api) -> tuple[Path, dict[str, str]]:
         shutil.copy(PROJECT / name, root / name)
     write_params(root / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(root), "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+           "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
                 ["git", "config", "user.name", "ci"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "micro project"]):

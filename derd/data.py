@@ -206,7 +206,7 @@ def _fashion_tensors(folder: str, size: int) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def _fashion_resolve(cfg: Data) -> Path:
+def fashion_folder(cfg: Data) -> Path:
     folder = _fashion_folder(cfg.root)
     if folder is None and cfg.download:
         import torchvision
@@ -236,13 +236,13 @@ def _train_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 
 @register_dataset("fashion_mnist")
 def _fashion_mnist(cfg: Data) -> Splits:
-    x_train, y_train, x_test, y_test = _fashion_tensors(str(_fashion_resolve(cfg).resolve()), cfg.image_size)
+    x_train, y_train, x_test, y_test = _fashion_tensors(str(fashion_folder(cfg).resolve()), cfg.image_size)
     train, val = _carve_val(TensorDataset(x_train, y_train), y_train.numpy(), cfg)
     return Splits(_fashion_info(cfg), train, val, TensorDataset(x_test, y_test))
 
 
 def _fashion_info(cfg: Data) -> DatasetInfo:
-    x_train, _, _, _ = _fashion_tensors(str(_fashion_resolve(cfg).resolve()), cfg.image_size)
+    x_train, _, _, _ = _fashion_tensors(str(fashion_folder(cfg).resolve()), cfg.image_size)
     mean, std = _channel_stats(x_train)  # all training images (the statistics do not depend on the subset)
     return DatasetInfo("fashion_mnist", (1, cfg.image_size, cfg.image_size), 10, mean, std)
 

@@ -18,6 +18,7 @@ from . import data as datasets
 from .config import Config, Data
 from .io import CheckpointError, file_hash, write_json
 from .runtime import Paths
+from .teachers import ROLES
 
 CONTENT_LIMIT = 1 << 30
 
@@ -38,7 +39,7 @@ def _cifar_files(cfg: Data) -> list[Path]:
 
 
 def _fashion_files(cfg: Data) -> list[Path]:
-    return _folder_files(datasets._fashion_resolve(cfg))
+    return _folder_files(datasets.fashion_folder(cfg))
 
 
 def _imagenet_files(cfg: Data) -> list[Path]:
@@ -69,7 +70,7 @@ def dataset_fingerprint(cfg: Data) -> dict:
 def fingerprint(cfg: Config) -> dict:
     """What ``artifacts/inputs.json`` holds: the dataset's and each user checkpoint's hash."""
     checkpoints = {}
-    for role in ("natural", "robust"):
+    for role in ROLES:
         path = getattr(cfg.teachers, role).checkpoint
         if path and not Path(path).is_file():
             raise CheckpointError(f"teachers.{role}.checkpoint={path}: file not found")
@@ -79,5 +80,5 @@ def fingerprint(cfg: Config) -> dict:
 
 def run(cfg: Config, root: Path = Path(".")) -> dict:
     result = fingerprint(cfg)
-    write_json(Paths(Path(root)).root / "artifacts" / "inputs.json", result)
+    write_json(Paths(Path(root)).inputs, result)
     return result

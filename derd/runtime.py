@@ -71,6 +71,11 @@ class Paths:
     root: Path = Path(".")
 
     @property
+    def inputs(self) -> Path:
+        """Fingerprints of the dataset files and user checkpoints (the ``inputs`` stage)."""
+        return self.root / "artifacts" / "inputs.json"
+
+    @property
     def teachers(self) -> Path:
         return self.root / "artifacts" / "teachers"
 

@@ -127,7 +127,7 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
             own_rows.append(_row(name, role, step, lr, terms))
             if step % s1.log_every == 0 or step == s1.iterations - 1:
                 _log_terms(name, step, terms)
-            if (step + 1) % s1.checkpoint_every == 0 or step == s1.iterations - 1:
+            if (step + 1) % s1.checkpoint_every == 0 and step + 1 < s1.iterations:  # the end saves the artifact
                 resume.save(step=step + 1, generator=generator.state_dict(), optimizer=opt.state_dict(),
                             z_rng=z_rng.get_state(), rows=own_rows)
         generator.eval()
@@ -186,7 +186,7 @@ def build_inversion_pool(cfg: Config, root: Path, device: torch.device, rows: li
                     _log_terms(f"{POOL}[batch {index}]", step, terms)
 
             batches.append(optimise_batch(loss_fn, (sizes[index], *info.shape), inv.steps, inv.lr, rng, on_step).cpu())
-            if len(batches) % s1.checkpoint_every == 0 or len(batches) == len(sizes):
+            if len(batches) % s1.checkpoint_every == 0 and len(batches) < len(sizes):
                 resume.save(images=torch.cat(batches), batches_done=len(batches), rng=rng.get_state(), rows=own_rows)
         images = torch.cat(batches)
         final = pool_terms(loss_fn, images, inv.batch_size)

@@ -268,19 +268,19 @@ class Tracking(Section):
 class Config(Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            return value
-        raise ValueError(f"must be one of auto, cpu, cuda or cuda:N (N the GPU index, e.g. cuda:1)")
     data: Data = Data()
     teachers: Teachers = Teachers()
     stage1: Stage1 = Stage1()
     stage2: Stage2 = Stage2()
     eval: Eval = Eval()
     tracking: Tracking = Tracking()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            return value
+        raise ValueError("must be one of auto, cpu, cuda or cuda:N (N the GPU index, e.g. cuda:1)")
 
     @model_validator(mode="after")
     def _stage1_provides_what_stage2_needs(self) -> Config:

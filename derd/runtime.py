@@ -31,8 +31,12 @@ def check_stop() -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise RuntimeError(f"device: {name!r} requested but this machine has {count} CUDA device(s) "
+                               "(use 'auto', 'cpu' or an existing cuda:N)")
     return torch.device(name)
 
 

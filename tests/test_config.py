@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from derd import config
@@ -127,3 +128,12 @@ def test_section_hash_changes_only_with_its_section():
     b = config.parse({"stage2": {"lambda_rob": 1.0}})
     assert a.section_hash("teachers", "stage1") == b.section_hash("teachers", "stage1")
     assert a.section_hash("stage2") != b.section_hash("stage2")
+
+
+def test_a_missing_gpu_is_named_at_run_time():
+    from derd.runtime import resolve_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(RuntimeError, match=f"'cuda:{count}' requested but this machine has {count} CUDA"):
+        resolve_device(f"cuda:{count}")
+    assert resolve_device("cpu").type == "cpu"

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import peers, stage2
-from .timing import machine, matmul_peak, reference_workload
+from bench import peers, stage2
+from bench.timing import machine, matmul_peak, reference_workload
 
 HERE = Path(__file__).resolve().parent
 PIPELINE_CMD = "python -m bench.bench_pipeline --prefect-server   # per-stage wall time vs in-stage time, dvc repro reruns"

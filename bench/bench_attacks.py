@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
+from bench.timing import once
 from derd import config, data
+from derd.artifacts import load_into
 from derd.attacks import PGD, robust_flags
-from derd.attacks.autoattack import AutoAttack
-from derd.evaluate import white_box
-from derd.io import load_into
+from derd.evaluation.autoattack import AutoAttack
+from derd.evaluation.evaluate import white_box
 from derd.teachers import build_for, load_teacher
-
-from .timing import once
 
 
 def main() -> None:

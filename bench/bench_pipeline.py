@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .timing import once
+from bench.timing import once
 
 PROJECT = Path(__file__).resolve().parent.parent
 STAGES = ("teachers", "warmup", "distill", "evaluate", "report")

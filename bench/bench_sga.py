@@ -19,10 +19,9 @@ import argparse
 
 import torch
 
+from bench.timing import timed as _timed
 from derd.losses import kd_kl
 from derd.models import build_model
-
-from .timing import timed as _timed
 
 
 def timed(fn, reps: int) -> float:

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
+from bench.timing import once, timed
 from derd import config, data
-from derd.inversion import optimise_batch
 from derd.losses import StageOneLoss
 from derd.models import build_generator
+from derd.stage1.inversion import optimise_batch
 from derd.teachers import load_teacher
-
-from .timing import once, timed
 
 
 def time_generator_steps(cfg, teacher, batch: int, steps: int = 20) -> float:

@@ -15,12 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.timing import interleaved
 from derd import config
 from derd import data as datasets
 from derd.attacks import FGSM, PGD
 from derd.teachers import accuracy, build_for
-
-from .timing import interleaved
 
 PEERS = Path("/tmp/peers")
 INSTALL = f".venv/bin/pip install --no-deps --target {PEERS} torchattacks"
@@ -98,7 +97,7 @@ def autoattack_overhead(model, x, y, eps: float, reps: int, warmup: int = 1) -> 
     """Adapter (custom, apgd-ce) vs pyautoattack.AutoAttack called directly, same model/inputs/seed."""
     from pyautoattack import AutoAttack as Direct
 
-    from derd.attacks.autoattack import AutoAttack as Adapter
+    from derd.evaluation.autoattack import AutoAttack as Adapter
 
     res = {}
 

@@ -15,13 +15,13 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from derd import config, distill, warmup
+from bench.timing import timed
+from derd import config, distill
 from derd import data as datasets
 from derd.distill import loop
 from derd.models import build_generator
+from derd.stage1 import warmup
 from derd.teachers import build_for
-
-from .timing import timed
 
 PROJECT = Path(__file__).resolve().parent.parent
 

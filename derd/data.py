@@ -10,7 +10,6 @@ serves real images and Stage-II pseudo images.
 from __future__ import annotations
 
 import copy
-
 import gzip
 import zlib
 from collections.abc import Callable
@@ -23,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .config import Data
-from .registry import Registry
+from derd.config import Data
+from derd.registry import Registry
 
 
 class DataError(FileNotFoundError):

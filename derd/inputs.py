@@ -14,11 +14,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import data as datasets
-from .config import Config, Data
-from .io import CheckpointError, file_hash, write_json
-from .runtime import Paths
-from .teachers import ROLES
+from derd import data as datasets
+from derd.artifacts import CheckpointError, file_hash, write_json
+from derd.config import Config, Data
+from derd.runtime import Paths
+from derd.teachers import ROLES
 
 CONTENT_LIMIT = 1 << 30
 

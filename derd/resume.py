@@ -10,18 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .io import CheckpointError, load_tensors, save_tensors
-from .runtime import log
+from derd.artifacts import CheckpointError, load_tensors, save_tensors
+from derd.runtime import log
 
 FORMAT = 2  # bump when the layout of a resume state changes
 PACKAGE = Path(__file__).resolve().parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_hash(*parts: str) -> str:
     """Hash of the library's source files under ``parts`` (paths relative to ``derd/``; none = all of it)."""
     digest = hashlib.sha256()

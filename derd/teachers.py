@@ -13,13 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data as datasets
-from .attacks import KLPGD, PGD, eval_mode
-from .config import Config, NaturalTeacher, RobustTeacher
-from .io import CheckpointError, check_finite, load_into, read_json, save_artifact, sidecar_path, write_json
-from .models import Classifier, build_model
-from .resume import ResumeState, make_key
-from .runtime import Paths, check_stop, log, progress, resolve_device, seed_everything
+from derd import data as datasets
+from derd.artifacts import (
+    CheckpointError,
+    check_finite,
+    load_into,
+    read_json,
+    save_artifact,
+    sidecar_path,
+    write_json,
+)
+from derd.attacks import KLPGD, PGD, eval_mode
+from derd.config import Config, NaturalTeacher, RobustTeacher
+from derd.models import Classifier, build_model
+from derd.resume import ResumeState, make_key
+from derd.runtime import (
+    Paths,
+    check_stop,
+    log,
+    progress,
+    resolve_device,
+    seed_everything,
+)
 
 ROLES = ("natural", "robust")
 CHECK_EXAMPLES, CHECK_PGD_STEPS = 1000, 10  # the sidecar's quick check on val (the table is the evaluate stage's)

@@ -103,7 +103,7 @@ def _preset(name: str, params: str) -> int:
     from derd import config
 
     config.load(src)  # never install a preset that does not validate
-    from derd.io import write_bytes
+    from derd.artifacts import write_bytes
 
     dst = Path(params)
     if dst.exists():
@@ -131,8 +131,7 @@ def prefect_environment(root: str | Path) -> None:
 def _where(cfg: Config, root: str) -> None:
     """After a full run: where the report is and how to see the runs."""
     from derd.runtime import Paths
-
-    from . import tracking
+    from pipelines import tracking
 
     reports = Paths(Path(root).resolve()).reports
     uri = tracking.tracking_uri(cfg, root)
@@ -209,18 +208,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "preset":
             return _preset(args.name, args.params)
         if args.command == "sweep":
-            from . import sweep
+            from pipelines import sweep
 
             return sweep.sweep_command(args.file, Path("."), args.params, args.run, args.jobs)
         if args.command == "table":
-            from . import sweep
+            from pipelines import sweep
 
             return sweep.table_command(args.file, Path("."), args.params, args.out, args.rev)
         from derd import config
 
         cfg = config.load(args.params)  # a bad params file fails here, before Prefect starts
         if args.command == "ui":
-            from . import tracking
+            from pipelines import tracking
 
             return tracking.ui(cfg, args.root, args.port)
         if args.command == "inputs":  # a second's work: no Prefect, no MLflow
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
             inputs.run(cfg, Path(args.root))
             return 0
-        from . import tracking
+        from pipelines import tracking
 
         tracking.check_store(cfg, args.root)  # an unwritable MLflow store fails now, not after training
         _check_prefect_api()
@@ -283,12 +282,11 @@ def _one_line(text: str, limit: int = 500) -> str:
 def explain(exc: BaseException, command: str) -> tuple[int, str]:
     """Exit status and message for an error that reached the CLI: 2 bad input (params, data, checkpoint,
     missing file, unwritable store, unreachable server, full disk), 3 a non-finite loss, 1 anything else."""
+    from derd.artifacts import CheckpointError
     from derd.config import ConfigError
     from derd.data import DataError
-    from derd.io import CheckpointError
-    from derd.report import ReportError
-
-    from .tracking import TrackingError
+    from derd.report.tables import ReportError
+    from pipelines.tracking import TrackingError
 
     if _stopped(exc):
         return 143, "stopped by a signal; the resume state is kept: rerun the same command to continue"

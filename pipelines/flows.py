@@ -22,8 +22,7 @@ from derd import config
 from derd import data as datasets
 from derd.config import Config
 from derd.runtime import log
-
-from . import tracking
+from pipelines import tracking
 
 # Every task: DVC decides what reruns; Prefect's own result cache stays off so it never skips work DVC asked for.
 stage_task = task(cache_policy=NO_CACHE, persist_result=False)
@@ -44,7 +43,7 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path)
 
 @stage_task(task_run_name="warmup[{unit}]")
 def warmup(cfg: Config, root: Path, unit: str) -> dict:
-    from derd import warmup as stage1
+    from derd.stage1 import warmup as stage1
 
     return stage1.run_unit(cfg, root, unit)
 
@@ -59,14 +58,14 @@ def train_student(cfg: Config, method: str, seed: int, root: Path) -> dict:
 @stage_task(task_run_name="evaluate[{item.name}]")
 def evaluate_model(item, x, y, cfg: Config, flags_dir: Path, num_classes: int) -> tuple[dict, list[dict]]:
     """Every attack of the table on one model (its flags are saved per attack, so a rerun resumes)."""
-    from derd import evaluate as evaluation
+    from derd.evaluation import evaluate as evaluation
 
     return evaluation.evaluate_model(item, x, y, cfg, flags_dir, num_classes)
 
 
 @stage_task
 def report(cfg: Config, root: Path) -> dict:
-    from derd import report as reporting
+    from derd.report import tables as reporting
 
     return reporting.run(cfg, root)
 
@@ -141,8 +140,8 @@ def evaluate_flow(params: str = "params.yaml", root: str = ".", shard: str | Non
     """The robustness table, sanity checks and ε-curves, one task per model; the table's numbers also go
     to the parent run. ``shard="i/n"``: only that shard's flags and record (``metrics/eval_shards/``, not
     tracked: a part of a stage); ``merge``: the n shards combined into the stage's outputs (tracked)."""
-    from derd import evaluate
-    from derd.report import table_metrics
+    from derd.evaluation import evaluate
+    from derd.report.tables import table_metrics
 
     if shard is not None:
         return evaluate.run(config.load(params), Path(root), shard=evaluate.parse_shard(shard))

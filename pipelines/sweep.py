@@ -434,7 +434,7 @@ def _aa(evaluation: dict) -> str:
 
 def _split(evaluation: dict) -> tuple[list, dict]:
     """(reference rows: teachers, SAT student; method -> student row aggregated over seeds) of one eval.json."""
-    from derd.report import table_rows
+    from derd.report.tables import table_rows
 
     kinds = {r["model"]: r.get("kind") for r in evaluation["rows"]}
     methods = {r["model"]: r.get("method") or r["model"].rsplit("-seed", 1)[0] for r in evaluation["rows"]}
@@ -449,7 +449,7 @@ def _split(evaluation: dict) -> tuple[list, dict]:
 
 def render(sweep: Sweep, outcomes: list[Outcome], shown_path: str) -> str:
     """The markdown block of one sweep (between its markers)."""
-    from derd.report import COLUMNS, METHOD_LABELS
+    from derd.report.tables import COLUMNS, METHOD_LABELS
 
     ran = [o for o in outcomes if o.evaluation is not None]
     head = ["Row", *COLUMNS, "Seeds", "Status"]
@@ -545,7 +545,7 @@ def _read_full(root: Path) -> Callable[[str], dict | None]:
 def table_command(path: str, root: Path = Path("."), params: str = "params.yaml", out: str = "docs/RESULTS.md",
                   rev: str | None = None) -> int:
     """``derd table``: render the sweep's experiments into ``out`` (atomically)."""
-    from derd.io import write_text
+    from derd.artifacts import write_text
 
     root = Path(root)
     sweep = load(path, root)

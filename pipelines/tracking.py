@@ -22,12 +22,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from derd.artifacts import read_json, versions, write_json
 from derd.config import Config
-from derd.io import read_json, versions, write_json
 from derd.curves import read_rows
 from derd.runtime import git_commit, project_root
-
-from .stages import BY_NAME, Stage, upstream
+from pipelines.stages import BY_NAME, Stage, upstream
 
 STORE = "mlflow.db"
 ARTIFACTS = "mlartifacts"

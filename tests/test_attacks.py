@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from eval_models import EPS, eval_batch, tiny_model
 
 from derd.attacks import CW, FGSM, KLPGD, PGD, margin_loss, robust_flags
-from derd.attacks.autoattack import AutoAttack, AutoAttackError, backend
-from eval_models import EPS, eval_batch, tiny_model
+from derd.evaluation.autoattack import AutoAttack, AutoAttackError, backend
 
 ATTACKS = {
     "FGSM": lambda m: FGSM(m, EPS),

@@ -126,7 +126,7 @@ def _checkpoint(root: Path, step: dict) -> None:
 
 
 def _teacher_artifacts(root: Path, step: dict) -> None:
-    from derd.io import save_artifact
+    from derd.artifacts import save_artifact
     from derd.runtime import Paths
 
     for role in ("natural", "robust"):
@@ -136,7 +136,7 @@ def _teacher_artifacts(root: Path, step: dict) -> None:
 
 
 def _student_artifact(root: Path, step: dict) -> None:
-    from derd.io import save_artifact
+    from derd.artifacts import save_artifact
     from derd.runtime import Paths
 
     dataset = step.get("dataset", "digits")
@@ -147,7 +147,7 @@ def _student_artifact(root: Path, step: dict) -> None:
 
 
 def _generator_artifact(root: Path, step: dict) -> None:
-    from derd.io import save_artifact
+    from derd.artifacts import save_artifact
     from derd.models import build_generator
     from derd.runtime import Paths
 
@@ -193,20 +193,21 @@ def _fetch_data(params: str, root: str) -> str:
 
 
 def _evaluate_models(params: str, root: str) -> list:
-    from derd import data, evaluate
+    from derd import data
+    from derd.evaluation import evaluate
 
     cfg = _load(params)
     return evaluate.models_to_evaluate(cfg, Path(root), data.load(cfg.data), torch.device("cpu"))
 
 
 def _load_generator(params: str, root: str):
-    from derd import warmup
+    from derd.stage1 import warmup
 
     return warmup.load_generator(_load(params), Path(root))
 
 
 def _save_teacher(params: str, root: str) -> None:
-    from derd.io import save_artifact
+    from derd.artifacts import save_artifact
     from derd.runtime import Paths
 
     save_artifact(Paths(Path(root)).teacher("natural"), _classifier(width=8).state_dict(), {"arch": "small_cnn"})

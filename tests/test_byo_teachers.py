@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from derd import config
-from derd.io import CheckpointError, load_into
+from derd.artifacts import CheckpointError, load_into
 from derd.models import build_model
 
 WIDEN, N_PER_STAGE = 10, 5  # WRN-34-10: (34 - 4) / 6 = 5 blocks per stage

@@ -1,16 +1,21 @@
 """Stage-II loop, DERD and the baselines on a micro configuration (random tiny teachers and generators)."""
 from __future__ import annotations
 
-import json
-
 import csv
+import json
 
 import pytest
 import torch
 
 from derd import config, distill
 from derd import data as datasets
-from derd.io import CheckpointError, load_tensors, read_json, save_artifact, save_tensors
+from derd.artifacts import (
+    CheckpointError,
+    load_tensors,
+    read_json,
+    save_artifact,
+    save_tensors,
+)
 from derd.models import build_generator
 from derd.runtime import Paths
 from derd.teachers import build_for

@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
-
-from derd import config, evaluate
-from derd.attacks import robust_flags
-from derd.attacks.autoattack import AutoAttack
-from derd.eps_curve import eps_curve
-from derd.eval_store import FlagStore
-from derd.io import CheckpointError, save_artifact
-from derd.sanity import CHECKS, run_checks
 from eval_models import EPS, Quantised, eval_batch, tiny_model
+
+from derd import config
+from derd.artifacts import CheckpointError, save_artifact
+from derd.attacks import robust_flags
+from derd.evaluation import evaluate
+from derd.evaluation.autoattack import AutoAttack
+from derd.evaluation.eps_curve import eps_curve
+from derd.evaluation.flags import FlagStore
+from derd.evaluation.sanity import CHECKS, run_checks
 
 N = 48
 EVAL = {

@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from pipeline_profile import write_params
 
 from derd import config
-from derd.io import read_json
+from derd.artifacts import read_json
 from pipelines import flows, tracking
 from pipelines.stages import STAGES
-from pipeline_profile import write_params
 
 pytestmark = [pytest.mark.prefect, pytest.mark.xdist_group("prefect")]
 

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from test_data import _write_fashion
 
 from derd import config, inputs
-from derd.io import CheckpointError
-from test_data import _write_fashion
+from derd.artifacts import CheckpointError
 
 
 def _cfg(root, checkpoint=None) -> config.Config:

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pipeline_profile import write_params
 
 from derd import config, data, teachers
-from derd.io import load_tensors
+from derd.artifacts import load_tensors
 from derd.runtime import Paths
-from pipeline_profile import write_params
 
 PROJECT = Path(__file__).resolve().parent.parent
 TEACHER = {"natural": {"arch": "small_cnn", "width": 8, "train": {"epochs": 8, "batch_size": 64, "lr": 0.1}}}

@@ -11,8 +11,16 @@ import torch
 from stage1_helpers import tiny_teacher
 
 from derd import config
-from derd.losses import (BNStatistics, StageOneLoss, activation_loss, bn_distance, information_entropy_loss,
-                         kd_kl, l1_discrepancy, one_hot_loss)
+from derd.losses import (
+    BNStatistics,
+    StageOneLoss,
+    activation_loss,
+    bn_distance,
+    information_entropy_loss,
+    kd_kl,
+    l1_discrepancy,
+    one_hot_loss,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "stage1_losses.json"
 LAMBDAS = {"oh": 0.05, "ie": 5.0, "bn": 1e-5, "a": 0.01}
@@ -162,9 +170,8 @@ def test_hooks_are_removed_on_close_and_on_error():
         assert loss_fn.bn.n_hooks == len(_bn_layers(teacher)) == 3
         assert _hook_count(teacher) == 3
     assert _hook_count(teacher) == 0
-    with pytest.raises(ZeroDivisionError):
-        with StageOneLoss(teacher, LAMBDAS):
-            1 / 0
+    with pytest.raises(ZeroDivisionError), StageOneLoss(teacher, LAMBDAS):
+        1 / 0
     assert _hook_count(teacher) == 0
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from derd.models import build_generator, build_model, registered_archs, registered_generators
+from derd.models import (
+    build_generator,
+    build_model,
+    registered_archs,
+    registered_generators,
+)
 
 SMALL = {"small_cnn", "small_resnet", "resnet18"}  # also checked on one-channel input
 SIZE = {"resnet18_imagenet": 32, "resnet50_imagenet": 32}  # ImageNet stems downsample 32x

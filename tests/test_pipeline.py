@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from derd import config
-from derd.io import read_json
-from pipelines import tracking
-from pipelines.stages import STAGES
 from dependencies import mismatches
 from pipeline_profile import write_params
+
+from derd import config
+from derd.artifacts import read_json
+from pipelines import tracking
+from pipelines.stages import STAGES
 
 PROJECT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.xdist_group("prefect")]

@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from derd import config, report
-from derd.io import write_json, write_text
+from derd import config
+from derd.artifacts import write_json, write_text
+from derd.report import tables
 from derd.runtime import Paths
 
 PNG = base64.b64decode(  # a 1×1 PNG
@@ -42,7 +43,7 @@ def root(tmp_path):
 
 
 def test_html_has_every_model_aggregated_and_embeds_every_image(root):
-    result = report.run(config.parse({"stage2": {"methods": ["derd", "dafl", "cmi"], "seeds": [0, 1]}}), root)
+    result = tables.run(config.parse({"stage2": {"methods": ["derd", "dafl", "cmi"], "seeds": [0, 1]}}), root)
     page = (root / "reports" / "report.html").read_text()
     table = page[page.index("<tbody>"):page.index("</tbody>")]
     labels = re.findall(r"<tr[^>]*><th>([^<]+)</th>", table)
@@ -64,17 +65,17 @@ def test_html_has_every_model_aggregated_and_embeds_every_image(root):
 
 
 def test_table_metrics_are_per_model_and_column(root):
-    metrics = report.table_metrics(root)
+    metrics = tables.table_metrics(root)
     assert metrics["derd-seed1/Clean"] == 74 and metrics["Nature/AA"] == 85 and len(metrics) == 6 * 7
 
 
 def test_missing_evaluation_is_a_clear_error(tmp_path):
-    with pytest.raises(report.ReportError, match=r"metrics/eval.json: not found; run `derd evaluate`"):
-        report.run(config.parse({}), tmp_path)
+    with pytest.raises(tables.ReportError, match=r"metrics/eval.json: not found; run `derd evaluate`"):
+        tables.run(config.parse({}), tmp_path)
 
 
 @pytest.mark.parametrize("text, message", [("{not json", "not valid JSON"), ('{"rows": 3}', "has no 'rows' list")])
 def test_unusable_evaluation_is_a_clear_error(tmp_path, text, message):
     write_text(Paths(tmp_path).metrics / "eval.json", text)
-    with pytest.raises(report.ReportError, match=rf"eval.json: {message}.*rerun `derd evaluate`"):
-        report.load_eval(tmp_path)
+    with pytest.raises(tables.ReportError, match=rf"eval.json: {message}.*rerun `derd evaluate`"):
+        tables.load_eval(tmp_path)

@@ -6,8 +6,8 @@ import torch
 
 from derd import config, distill
 from derd import data as datasets
-from derd.io import load_tensors, read_json, save_artifact
-from derd.report import METHOD_LABELS, table_rows
+from derd.artifacts import load_tensors, read_json, save_artifact
+from derd.report.tables import METHOD_LABELS, table_rows
 from derd.runtime import Paths
 from derd.teachers import build_for
 

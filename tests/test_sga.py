@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from derd import sga
+from derd.distill import aggregation
 
 
 def pair(a, b):
@@ -18,12 +18,12 @@ CONFLICT = pair([1.0, -2.0, 0.5, 1.0, 3.0, -1.0], [-2.0, 0.5, 0.25, -1.0, -1.0, 
 
 
 def flat(gs):
-    return sga.flatten(gs)
+    return aggregation.flatten(gs)
 
 
 @pytest.mark.parametrize("strategy", ["sum", "graddrop", "sga"])
 def test_agreeing_gradients_pass_through_unchanged(strategy):
-    agg = sga.GradientAggregator(strategy, rate=0.5, seed=3)
+    agg = aggregation.GradientAggregator(strategy, rate=0.5, seed=3)
     out, _ = agg(*AGREE, losses=(1.0, 2.0))
     assert torch.equal(flat(out), flat(AGREE[0]) + flat(AGREE[1]))
     assert [o.shape for o in out] == [g.shape for g in AGREE[0]]
@@ -32,19 +32,19 @@ def test_agreeing_gradients_pass_through_unchanged(strategy):
 def test_pcgrad_removes_the_conflicting_component():
     a, b = flat(CONFLICT[0]), flat(CONFLICT[1])
     assert a @ b < 0
-    out = flat(sga.aggregate_pcgrad(*CONFLICT))
+    out = flat(aggregation.aggregate_pcgrad(*CONFLICT))
     a_pc = a - (a @ b) / (b @ b) * b
     b_pc = b - (a @ b) / (a @ a) * a
     assert torch.allclose(a_pc @ b, torch.tensor(0.0), atol=1e-5)
     assert torch.allclose(b_pc @ a, torch.tensor(0.0), atol=1e-5)
     assert torch.allclose(out, a_pc + b_pc, atol=1e-6)
-    assert torch.equal(flat(sga.aggregate_pcgrad(*AGREE)), flat(AGREE[0]) + flat(AGREE[1]))
+    assert torch.equal(flat(aggregation.aggregate_pcgrad(*AGREE)), flat(AGREE[0]) + flat(AGREE[1]))
 
 
 def test_sign_mask_keeps_one_sign_per_coordinate_with_probability_p():
     n = 20000
     g_nat, g_rob = [torch.full((n,), 1.0)], [torch.full((n,), -3.0)]
-    out = sga.aggregate_graddrop(g_nat, g_rob, None, torch.Generator().manual_seed(0))[0]
+    out = aggregation.aggregate_graddrop(g_nat, g_rob, None, torch.Generator().manual_seed(0))[0]
     assert set(out.unique().tolist()) <= {1.0, -3.0}  # each coordinate keeps exactly one expert
     p = 0.5 * (1 + (1 - 3) / (1 + 3))  # 0.25
     assert abs((out > 0).float().mean().item() - p) < 0.02
@@ -53,18 +53,18 @@ def test_sign_mask_keeps_one_sign_per_coordinate_with_probability_p():
 def test_masking_is_reproducible_under_a_seed():
     big = [torch.randn(1000, generator=torch.Generator().manual_seed(1))], \
           [torch.randn(1000, generator=torch.Generator().manual_seed(2))]
-    runs = [sga.GradientAggregator("sga", 0.1, seed=s)(*big, losses=(1.0, 1.0))[0][0] for s in (7, 7, 8)]
+    runs = [aggregation.GradientAggregator("sga", 0.1, seed=s)(*big, losses=(1.0, 1.0))[0][0] for s in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
 
 def test_state_dict_resumes_the_same_stream():
     big = [torch.randn(500)], [torch.randn(500)]
-    a = sga.GradientAggregator("sga", 0.1, seed=0)
+    a = aggregation.GradientAggregator("sga", 0.1, seed=0)
     a(*big, losses=(1.0, 1.0))
     a(*big, losses=(1.0, 3.0))
     assert not torch.equal(a.weights, torch.ones(2))  # so a lost weight would show
-    b = sga.GradientAggregator("sga", 0.1, seed=99)
+    b = aggregation.GradientAggregator("sga", 0.1, seed=99)
     b.load_state_dict(a.state_dict())
     out_a, _ = a(*big, losses=(2.0, 1.0))
     out_b, _ = b(*big, losses=(2.0, 1.0))
@@ -74,7 +74,7 @@ def test_state_dict_resumes_the_same_stream():
 @pytest.mark.parametrize("strategy", ["mtard", "sga"])
 def test_weights_move_at_rate_lambda_sga(strategy):
     rate = 5e-4
-    agg = sga.GradientAggregator(strategy, rate, seed=0)
+    agg = aggregation.GradientAggregator(strategy, rate, seed=0)
     _, stats = agg(*AGREE, losses=(2.0, 4.0))  # first step fixes the initial losses: ratios equal
     assert stats["w_nat"] == stats["w_rob"] == 1.0
     assert torch.allclose(agg.weights, torch.ones(2))
@@ -89,25 +89,25 @@ def test_weights_move_at_rate_lambda_sga(strategy):
 
 
 def test_unweighted_strategies_keep_unit_weights():
-    agg = sga.GradientAggregator("pcgrad", 0.5)
+    agg = aggregation.GradientAggregator("pcgrad", 0.5)
     agg(*CONFLICT, losses=(1.0, 1.0))
     agg(*CONFLICT, losses=(5.0, 1.0))
     assert torch.equal(agg.weights, torch.ones(2))
 
 
 def test_mtard_weights_scale_each_expert():
-    out = sga.aggregate_mtard(*CONFLICT, torch.tensor([0.5, 1.5]))
+    out = aggregation.aggregate_mtard(*CONFLICT, torch.tensor([0.5, 1.5]))
     assert torch.allclose(flat(out), 0.5 * flat(CONFLICT[0]) + 1.5 * flat(CONFLICT[1]))
 
 
 def test_logged_statistics():
-    _, stats = sga.GradientAggregator("sum", 0.0)(*CONFLICT, losses=(1.0, 1.0))
+    _, stats = aggregation.GradientAggregator("sum", 0.0)(*CONFLICT, losses=(1.0, 1.0))
     a, b = flat(CONFLICT[0]), flat(CONFLICT[1])
     assert stats["cos_nat_rob"] == pytest.approx(((a @ b) / (a.norm() * b.norm())).item())
     assert stats["conflict_frac"] == pytest.approx(5 / 6)  # coordinate 3 (0.5, 0.25) agrees
-    assert sga.cosine([torch.zeros(3)], [torch.ones(3)]) == 0.0
+    assert aggregation.cosine([torch.zeros(3)], [torch.ones(3)]) == 0.0
 
 
 def test_unknown_strategy_is_named():
     with pytest.raises(KeyError, match="stage2.aggregation"):
-        sga.GradientAggregator("mean", 0.1)
+        aggregation.GradientAggregator("mean", 0.1)

@@ -7,11 +7,12 @@ import logging
 
 import pytest
 import torch
-
-from derd import config, evaluate
-from derd.attacks import FGSM
-from derd.io import save_artifact
 from eval_models import EPS, tiny_model
+
+from derd import config
+from derd.artifacts import save_artifact
+from derd.attacks import FGSM
+from derd.evaluation import evaluate
 
 N = 24  # 3 white-box batches of 8; AA on the first 12 = chunks [0:8], [8:12]
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from derd.report import METHOD_LABELS
+from derd.report.tables import METHOD_LABELS
 from pipelines import sweep
 from pipelines.cli import main
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 from stage1_helpers import tiny_config
 
-from derd import data, teachers, warmup
+from derd import data, teachers
+from derd.artifacts import CheckpointError, file_hash, read_json, sidecar_path
 from derd.config import ConfigError, parse
-from derd.health import generator_health
-from derd.io import CheckpointError, file_hash, read_json, sidecar_path
 from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.runtime import Paths, seed_everything
+from derd.stage1 import warmup
+from derd.stage1.health import generator_health
 
 # Micro warm-up (tiny_config, 60 steps), measured over seeds 0-4 (teacher and generator seeded together):
 # L_G^I drop 7.8 / 11.4 / 10.7 / 11.3 / 10.9, class-balance gain 0.27 / 0.98 / 0.91 / 0.95 / 0.92.

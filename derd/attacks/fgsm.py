@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .pgd import PGD
+from derd.attacks.pgd import PGD
 
 
 class FGSM(PGD):

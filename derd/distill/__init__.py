@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError, untraced
-from ..io import write_json
-from ..runtime import Paths
-from .loop import Context, Method, fit
+from derd.artifacts import write_json
+from derd.config import Config, ConfigError, untraced
+from derd.distill.loop import Context, Method, fit
+from derd.runtime import Paths
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -79,7 +79,16 @@ def run(cfg: Config, root: Path = Path("."), train: Callable[..., dict[str, Any]
     return {unit: run_unit(cfg, Path(root), unit, train) for unit in cfg.student_units()}
 
 
-from . import cmi, dafl, derd, dfad, dfard, rslad_real, zskt  # noqa: E402,F401  (fill the registry)
+from derd.distill import cmi, dafl, derd, dfad, dfard, rslad_real, zskt  # noqa: F401  (fill the registry)
 
-__all__ = ["Context", "Method", "register_method", "registered_methods", "get_method", "train_student", "run",
-           "run_unit", "params_hash"]
+__all__ = [
+    "Context",
+    "Method",
+    "get_method",
+    "params_hash",
+    "register_method",
+    "registered_methods",
+    "run",
+    "run_unit",
+    "train_student",
+]

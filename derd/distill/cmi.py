@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import BNStatistics
-from . import register_method
-from .robust_kd import DataFreeBaseline
+from derd.distill import register_method
+from derd.distill.robust_kd import DataFreeBaseline
+from derd.losses import BNStatistics
 
 
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

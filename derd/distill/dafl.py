@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..losses import StageOneLoss
-from . import register_method
-from .robust_kd import DataFreeBaseline
+from derd.distill import register_method
+from derd.distill.robust_kd import DataFreeBaseline
+from derd.losses import StageOneLoss
 
 
 @register_method("dafl", "DAFL")

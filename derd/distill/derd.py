@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from .. import warmup
-from ..io import check_finite
-from ..losses import BNStatistics, StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
-from ..models import build_generator
-from ..sga import GradientAggregator
-from . import register_method
-from .loop import Context, Method
+from derd.artifacts import check_finite
+from derd.distill import register_method
+from derd.distill.aggregation import GradientAggregator
+from derd.distill.loop import Context, Method
+from derd.losses import BNStatistics, StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
+from derd.models import build_generator
+from derd.stage1 import warmup
 
 
 def discrepancy(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

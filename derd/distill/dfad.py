@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..losses import l1_discrepancy
-from . import register_method
-from .robust_kd import DataFreeBaseline
+from derd.distill import register_method
+from derd.distill.robust_kd import DataFreeBaseline
+from derd.losses import l1_discrepancy
 
 
 @register_method("dfad", "DFAD")

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..losses import BNStatistics, l1_discrepancy
-from . import register_method
-from .robust_kd import DataFreeBaseline
+from derd.distill import register_method
+from derd.distill.robust_kd import DataFreeBaseline
+from derd.losses import BNStatistics, l1_discrepancy
 
 
 @register_method("dfard", "DFARD-style")

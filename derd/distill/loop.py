@@ -16,14 +16,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import data as datasets
-from ..attacks import KLPGD, PGD
-from ..config import Config
-from ..curves import read_rows, write_rows
-from ..io import check_finite, file_hash, save_artifact
-from ..resume import ResumeState, make_key
-from ..runtime import Paths, log, progress, resolve_device, seed_everything
-from ..teachers import accuracy, build_for, load_teacher
+from derd import data as datasets
+from derd.artifacts import check_finite, file_hash, save_artifact
+from derd.attacks import KLPGD, PGD
+from derd.config import Config
+from derd.curves import read_rows, write_rows
+from derd.resume import ResumeState, make_key
+from derd.runtime import Paths, log, progress, resolve_device, seed_everything
+from derd.teachers import accuracy, build_for, load_teacher
 
 
 class Context:

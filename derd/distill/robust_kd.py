@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ..losses import kd_kl
-from ..models import build_generator
-from .loop import Context, Method
+from derd.distill.loop import Context, Method
+from derd.losses import kd_kl
+from derd.models import build_generator
 
 
 def robust_kd_loss(mode: str, alpha: float, t_clean: torch.Tensor, s_clean: torch.Tensor,

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .. import data as datasets
-from ..io import CheckpointError
-from . import register_method
-from .loop import Context, Method
-from .robust_kd import robust_kd_loss
+from derd import data as datasets
+from derd.artifacts import CheckpointError
+from derd.distill import register_method
+from derd.distill.loop import Context, Method
+from derd.distill.robust_kd import robust_kd_loss
 
 PSEUDO_DATA = "REAL training data (data-ful ceiling, not data-free)"
 

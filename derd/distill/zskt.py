@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import kd_kl
-from . import register_method
-from .robust_kd import DataFreeBaseline, robust_kd_loss
+from derd.distill import register_method
+from derd.distill.robust_kd import DataFreeBaseline, robust_kd_loss
+from derd.losses import kd_kl
 
 
 class LastFeatureMap:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..registry import Registry
+from derd.registry import Registry
 
 # builder(in_channels, num_classes, image_size, width) -> network with .features(x) and .fc
 ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .base import register_arch
+from derd.models.base import register_arch
 
 
 class BasicBlock(nn.Module):

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..registry import Registry
+from derd.registry import Registry
 
 GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
 register_generator = GENERATORS.register

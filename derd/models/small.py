@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import register_arch
-from .cifar import BasicBlock
+from derd.models.base import register_arch
+from derd.models.cifar import BasicBlock
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

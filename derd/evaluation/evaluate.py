@@ -40,17 +40,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data as datasets
-from .attacks import CW, FGSM, PGD, Attack, robust_flags
-from .attacks.autoattack import AutoAttack, backend, fingerprint
-from .config import Config, Eval, RobustTeacher
-from .eps_curve import eps_curve, write_curves
-from .eval_store import Covering, FlagStore, MissingFlags, merge_entries
-from .io import CheckpointError, load_into, read_json, save_artifact, sidecar_path, write_json, write_text
-from .resume import code_hash
-from .runtime import Paths, log, resolve_device, seed_everything
-from .sanity import CHECKS, run_checks
-from .teachers import build_for, load_teacher, train_teacher
+from derd import data as datasets
+from derd.artifacts import (
+    CheckpointError,
+    load_into,
+    read_json,
+    save_artifact,
+    sidecar_path,
+    write_json,
+    write_text,
+)
+from derd.attacks import CW, FGSM, PGD, Attack, robust_flags
+from derd.config import Config, Eval, RobustTeacher
+from derd.evaluation.autoattack import AutoAttack, backend, fingerprint
+from derd.evaluation.eps_curve import eps_curve, write_curves
+from derd.evaluation.flags import Covering, FlagStore, MissingFlags, merge_entries
+from derd.evaluation.sanity import CHECKS, run_checks
+from derd.resume import code_hash
+from derd.runtime import Paths, log, resolve_device, seed_everything
+from derd.teachers import build_for, load_teacher, train_teacher
 
 COLUMNS = ("Clean", "FGSM", "PGD_S", "PGD_T", "CW", "AA")
 AVE = "Ave"
@@ -137,7 +145,8 @@ def recorded_students(cfg: Config, root: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- one model
-EVAL_CODE = ("attacks", "sanity.py", "eps_curve.py", "eval_store.py")  # the code that computes stored flags
+# the code that computes stored flags
+EVAL_CODE = ("attacks", "evaluation/autoattack.py", "evaluation/sanity.py", "evaluation/eps_curve.py", "evaluation/flags.py")
 
 
 def flags_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev: Eval) -> str:

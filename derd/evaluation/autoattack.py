@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import read_json, write_json
-from .base import eval_mode, model_device, robust_flags
+from derd.artifacts import read_json, write_json
+from derd.attacks.base import eval_mode, model_device, robust_flags
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 KNOWN = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import PGD, robust_flags
-from .attacks.autoattack import AutoAttack
-from .config import Eval
-from .eval_store import FlagStore
+from derd.attacks import PGD, robust_flags
+from derd.config import Eval
+from derd.evaluation.autoattack import AutoAttack
+from derd.evaluation.flags import FlagStore
 
 CHECKS = ("eps1_chance", "monotone", "stronger_pgd", "square_not_stronger", "aa_warnings")
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from .io import check_finite
-from .losses import StageOneLoss
+from derd.artifacts import check_finite
+from derd.losses import StageOneLoss
 
 
 def optimise_batch(loss_fn: StageOneLoss, shape: tuple[int, ...], steps: int, lr: float, rng: torch.Generator,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .io import read_json, write_json
-from .runtime import log
+from derd.artifacts import read_json, write_json
+from derd.runtime import log
 
 
 def _canonical(settings: dict) -> dict:

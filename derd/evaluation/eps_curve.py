@@ -6,17 +6,17 @@ multiple, eps, accuracy in percent) and ``plots/eps_curve.png``.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .attacks import PGD, robust_flags
-from .config import Eval
-from .eval_store import FlagStore
-from .curves import write_rows
-from .io import write_bytes
+from derd.artifacts import write_bytes
+from derd.attacks import PGD, robust_flags
+from derd.config import Eval
+from derd.curves import write_rows
+from derd.evaluation.flags import FlagStore
+from derd.report import plots as plots_png
 
 
 def multiples(ev: Eval) -> list[float]:
@@ -46,19 +46,4 @@ def write_curves(curves: dict[str, list[dict]], plots: Path) -> None:
                                           "accuracy": f"{100 * p['accuracy']:.2f}"}
                                          for name, points in curves.items() for p in points])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        ax.plot([p["eps"] for p in points], [100 * p["accuracy"] for p in points], marker="o", label=name)
-    ax.set(xlabel="ε (L∞, pixel units in [0,1])", ylabel="robust accuracy under PGD_S (%)", ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes(plots / "eps_curve.png", buf.getvalue())
+    write_bytes(plots / "eps_curve.png", plots_png.eps_curve_png(curves))

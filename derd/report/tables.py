@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -20,10 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config
-from .io import read_json, versions, write_bytes, write_text
-from .curves import read_rows
-from .runtime import Paths, git_commit, resolve_device
+from derd.artifacts import read_json, versions, write_bytes, write_text
+from derd.config import Config
+from derd.curves import read_rows
+from derd.report import plots
+from derd.runtime import Paths, git_commit, resolve_device
 
 COLUMNS = ("Clean", "FGSM", "PGD_S", "PGD_T", "CW", "AA", "Ave")
 # The supplementary's row order and labels (Table 1); methods not listed follow in config order.
@@ -34,8 +33,6 @@ RECONSTRUCTED = (
     "stage1.generator.arch", "stage1.ie_log_base", "stage2.k_student", "stage2.discrepancy", "stage2.aggregation",
     "stage2.rob_target", "stage2.tau", "stage2.lambda_rob_clean", "stage2.augment", "stage2.baselines.student_loss",
 )
-STEP_KEYS = ("iteration", "step", "epoch")
-SKIP_CURVES = {"student_steps", "seconds", "lr", "lr_student"}
 
 
 class ReportError(ValueError):
@@ -144,68 +141,16 @@ def reconstructed(cfg: Config, distill: dict) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------- figures
-def curves_png(series: dict[str, list[dict]], title: str, max_panels: int = 16) -> bytes | None:
-    """Small multiples: one panel per numeric column, one line per series, against its step column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns: list[str] = []
-    for rows in series.values():
-        for key in rows[0] if rows else {}:
-            plotted = key not in STEP_KEYS and key not in SKIP_CURVES and _number(rows[0][key]) is not None
-            if plotted and key not in columns:
-                columns.append(key)
-    columns = columns[:max_panels]
-    if not columns:
-        return None
-    ncol = min(4, len(columns))
-    nrow = math.ceil(len(columns) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
-    for ax, column in zip(axes.flat, columns):
-        for color, (name, rows) in enumerate(series.items()):
-            step = next((k for k in STEP_KEYS if rows and k in rows[0]), None)
-            pts = [(_number(r[step]) if step else i, _number(r.get(column))) for i, r in enumerate(rows)]
-            pts = [(x, y) for x, y in pts if x is not None and y is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=1, color=f"C{color % 10}")  # one colour per series
-        ax.set_title(column, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(columns):]:
-        ax.axis("off")
-    legend = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _number(value: object) -> float | None:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def training_figures(root: Path, stage1_units: list[str], students: list[str]) -> dict[str, Path]:
     """Render the Stage-I and Stage-II curves of the configured units into reports/figures/; title -> file."""
     paths, out = Paths(root), {}
     figures = paths.reports / "figures"
     warmup = {u: read_rows(p) for u in stage1_units if (p := paths.plots / "warmup" / f"{u}.csv").is_file()}
-    png = curves_png({k: v for k, v in warmup.items() if v}, "Stage-I warm-up: L_G^I terms per step")
+    png = plots.curves_png({k: v for k, v in warmup.items() if v}, "Stage-I warm-up: L_G^I terms per step")
     if png:
         out["Stage-I training curves"] = write_bytes(figures / "warmup_curves.png", png)
     curves = {u: read_rows(p) for u in students if (p := paths.plots / "distill" / f"{u}.csv").is_file()}
-    png = curves_png({k: v for k, v in curves.items() if v}, "Stage-II distillation: losses per iteration")
+    png = plots.curves_png({k: v for k, v in curves.items() if v}, "Stage-II distillation: losses per iteration")
     if png:
         out["Stage-II training curves"] = write_bytes(figures / "distill_curves.png", png)
     return out

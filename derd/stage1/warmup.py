@@ -12,7 +12,6 @@ library code) matches; the file is deleted once the artifact is saved.
 """
 from __future__ import annotations
 
-import io as _stdio
 import math
 import time
 from pathlib import Path
@@ -20,18 +19,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data as datasets
-from .config import Config, ConfigError, untraced
-from .curves import write_rows
-from .health import generator_health, teacher_predictions
-from .inversion import optimise_batch
-from .io import (CheckpointError, check_finite, file_hash, load_into, load_tensors, read_json, save_artifact,
-                 sidecar_path, write_bytes, write_json)
-from .losses import StageOneLoss
-from .models import build_generator
-from .resume import ResumeState, make_key
-from .runtime import Paths, log, progress, resolve_device, seed_everything
-from .teachers import load_teacher
+from derd import data as datasets
+from derd.artifacts import (
+    CheckpointError,
+    check_finite,
+    file_hash,
+    load_into,
+    load_tensors,
+    read_json,
+    save_artifact,
+    sidecar_path,
+    write_bytes,
+    write_json,
+)
+from derd.config import Config, ConfigError, untraced
+from derd.curves import write_rows
+from derd.losses import StageOneLoss
+from derd.models import build_generator
+from derd.report import plots
+from derd.resume import ResumeState, make_key
+from derd.runtime import Paths, log, progress, resolve_device, seed_everything
+from derd.stage1.health import generator_health, teacher_predictions
+from derd.stage1.inversion import optimise_batch
+from derd.teachers import load_teacher
 
 POOL = "inversion_pool"
 HEALTH_SEED_OFFSET = 10_000  # health samples use their own latent seed, the same for every artifact
@@ -216,44 +226,6 @@ def _warn(name: str, health: dict) -> None:
         log.warning("%s: COLLAPSE WARNING: %s", name, w)
 
 
-def save_sample_grid(path: Path, panels: dict[str, torch.Tensor], teacher_probs: dict[str, torch.Tensor],
-                     per_panel: int = 40, columns: int = 10, cell: int = 48) -> None:
-    """One panel per artifact: ``per_panel`` samples sorted by the teacher's class, each labelled
-    "class confidence" underneath (the supplementary's Fig. 2 shows such samples)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch.nn.functional as F
-
-    band, pad = 12, 2  # label band under each cell, gap between cells (pixels)
-    rows = math.ceil(per_panel / columns)
-    height = rows * (cell + band + pad)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(columns * (cell + pad) / 80, len(panels) * (height / 80 + 0.3)),
-                             squeeze=False)
-    for ax, (name, images) in zip(axes[:, 0], panels.items()):
-        conf, cls = teacher_probs[name][:per_panel].max(1)
-        order = torch.argsort(cls * 2 - conf, stable=True)  # by class, most confident first
-        x = images[:per_panel][order].float()
-        mode = "nearest" if x.shape[-1] < cell else "bilinear"
-        x = F.interpolate(x, size=(cell, cell), mode=mode).clamp(0, 1).expand(-1, 3, -1, -1)
-        canvas = torch.ones(3, height, columns * (cell + pad))
-        for i in range(len(x)):
-            r, c = divmod(i, columns)
-            top, left = r * (cell + band + pad), c * (cell + pad)
-            canvas[:, top : top + cell, left : left + cell] = x[i]
-            ax.text(left + cell / 2, top + cell + band / 2, f"{int(cls[order[i]])}  {conf[order[i]]:.2f}",
-                    fontsize=6, ha="center", va="center")
-        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"{name} (label: teacher class, confidence)", fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    buf = _stdio.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
-
-
 def run_unit(cfg: Config, root: Path, unit: str) -> dict:
     """One Stage-I artifact, its metrics/warmup/<unit>.json, plots/warmup/<unit>.csv and sample grid <unit>.png."""
     with untraced():  # naming a unit is not a dependency on the others
@@ -270,7 +242,7 @@ def run_unit(cfg: Config, root: Path, unit: str) -> dict:
     teacher = load_teacher(cfg, result["teacher_role"], root, device)
     write_rows(paths.plots / "warmup" / f"{unit}.csv", rows)
     probs = teacher_predictions(teacher, samples[:40]) if len(samples) else torch.zeros(0, 1)
-    save_sample_grid(paths.plots / "warmup" / f"{unit}.png", {unit: samples}, {unit: probs})
+    write_bytes(paths.plots / "warmup" / f"{unit}.png", plots.sample_grid_png({unit: samples}, {unit: probs}))
     write_json(paths.metrics / "warmup" / f"{unit}.json", {**result, "params_hash": params_hash(cfg, unit)})
     return result
 

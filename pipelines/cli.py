@@ -31,13 +31,15 @@ UNITS = {  # stages that DVC runs once per unit (foreach / matrix in dvc.yaml)
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 EPILOG = """\
 usual entry points:
+  derd repro [ARGS]         `dvc repro ARGS` with one Prefect server for all its stages (stopped at the end)
   dvc repro                 run the stages that are out of date (each is `derd <stage>`)
   dvc exp run --temp -S stage2.lambda_rob=1     one experiment, Stage-I reused from the cache
   derd ui                   browse the MLflow runs at http://127.0.0.1:5000
 
 Each stage command is a Prefect flow. With no PREFECT_API_URL it starts a temporary server
-(about 10-15 s per command); with `prefect server start` running and
-PREFECT_API_URL=http://127.0.0.1:4200/api set, runs also show in the Prefect UI.
+(about 10-15 s per command; `derd repro` starts one for the whole run instead); with
+`prefect server start` running and PREFECT_API_URL=http://127.0.0.1:4200/api set, every command
+uses that server and runs also show in its UI.
 Exit status: 0 ok, 2 bad params/checkpoint/data/missing input, 3 a loss became NaN/inf."""
 
 
@@ -61,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                                   "and AutoAttack chunks c ≡ I (mod N); writes metrics/eval_shards/, not metrics/eval.json")
             how.add_argument("--merge", action="store_true",
                              help="combine the N shards' per-example flags into exactly the unsharded outputs")
+    rp = sub.add_parser("repro", help="dvc repro with one Prefect server shared by every stage",
+                        description="start one Prefect server, run `dvc repro ARGS` with PREFECT_API_URL set to it, "
+                                    "stop the server (also on failure or Ctrl-C); with PREFECT_API_URL already set, "
+                                    "use that server. Exit status: dvc's.")
+    rp.add_argument("dvc_args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to dvc repro")
     pre = sub.add_parser("preset", help="copy presets/NAME.yaml over params.yaml", description="switch profile")
     pre.add_argument("name", help="one of: " + ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))))
     pre.add_argument("--params", default="params.yaml")
@@ -215,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines import sweep
 
             return sweep.table_command(args.file, Path("."), args.params, args.out, args.rev)
+        if args.command == "repro":
+            from pipelines import prefect_server
+
+            prefect_environment(".")  # the server's database where the stages' temporary ones keep theirs
+            try:
+                return prefect_server.repro(args.dvc_args)
+            except prefect_server.ReproError as exc:  # several lines: the server log's end
+                print(f"derd repro: {exc}", file=sys.stderr)
+                return 2
         from derd import config
 
         cfg = config.load(args.params)  # a bad params file fails here, before Prefect starts

@@ -1,0 +1,142 @@
+"""`derd repro`: one Prefect server started for the whole run, handed to it, and stopped afterwards,
+on success, failure and SIGTERM alike (a stand-in server that serves /api/health, and once the real one)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import cli, prefect_server
+
+FAKE_SERVER = """
+import http.server, os, sys
+port, log = int(sys.argv[1]), sys.argv[2]
+with open(log, "a") as f:
+    f.write(f"{os.getpid()}\\n")
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+# the command run in place of `dvc repro`: records the API URL it was given and whether it answered
+CHILD = """
+import json, os, sys, time
+from pipelines.prefect_server import answers
+url = os.environ.get("PREFECT_API_URL", "")
+with open(sys.argv[1], "w") as f:
+    json.dump({"url": url, "answered": answers(url)}, f)
+time.sleep(float(sys.argv[3]))
+sys.exit(int(sys.argv[2]))
+"""
+
+
+def alive(pid: int) -> bool:
+    """The process exists (the stop reaps it, so a stopped server's pid is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A stand-in server on a fixed free port, and a stand-in `dvc repro` (exit status, seconds to sleep)."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    port, starts, seen = prefect_server.free_port(), tmp_path / "starts.log", tmp_path / "seen.json"
+    monkeypatch.setattr(prefect_server, "free_port", lambda: port)
+    server = [sys.executable, "-c", FAKE_SERVER, str(port), str(starts)]
+
+    def run(status: int = 0, sleep: float = 0.0) -> int:
+        return prefect_server.repro([str(status), str(sleep)], run=[sys.executable, "-c", CHILD, str(seen)],
+                                    command=server, timeout=30)
+
+    def started() -> list[int]:
+        return [int(line) for line in starts.read_text().split()] if starts.exists() else []
+
+    return run, started, seen, port, server
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_one_server_serves_the_run_and_is_stopped_after_it(fake, status):
+    run, started, seen, port, _ = fake
+    assert run(status) == status  # dvc's exit status, success or failure
+    pids = started()
+    assert len(pids) == 1  # started once
+    record = json.loads(seen.read_text())
+    assert record == {"url": f"http://127.0.0.1:{port}/api", "answered": True}
+    assert not alive(pids[0])
+    assert not prefect_server.answers(record["url"])
+
+
+def test_sigterm_reaches_the_run_and_the_server_still_stops(fake):
+    run, started, seen, _, _ = fake
+
+    def terminate_when_running():
+        deadline = time.monotonic() + 30
+        while not seen.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_running, daemon=True).start()
+    assert run(0, sleep=60) == -signal.SIGTERM  # the child got the SIGTERM and the wait returned its status
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    assert not alive(started()[0])
+
+
+def test_a_server_that_dies_is_a_clear_error_and_nothing_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    seen = tmp_path / "seen.json"
+    dead = [sys.executable, "-c", "import sys; print('database is locked'); sys.exit(1)"]
+    with pytest.raises(prefect_server.ReproError, match=r"exited with status 1(.|\n)*database is locked"):
+        prefect_server.repro([], run=[sys.executable, "-c", CHILD, str(seen), "0", "0"], command=dead, timeout=30)
+    assert not seen.exists()
+
+
+def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    pid_file = tmp_path / "pid"
+    mute = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+    with pytest.raises(prefect_server.ReproError, match="did not answer .* within 1 s"), \
+            prefect_server.server(command=mute, timeout=1):
+        pass
+    assert not alive(int(pid_file.read_text()))
+
+
+def test_a_missing_dvc_is_named_and_the_cli_exits_2(fake, monkeypatch, capsys):
+    _, started, _, _, server = fake
+    monkeypatch.setattr(prefect_server, "server_command", lambda port: server)
+    monkeypatch.setattr(cli, "prefect_environment", lambda root: None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cli.main(["repro"]) == 2
+    assert "`dvc` not found on PATH" in capsys.readouterr().err
+    assert len(started()) == 1 and not alive(started()[0])
+
+
+def test_a_server_already_set_is_used_and_none_is_started(fake, monkeypatch):
+    run, started, seen, _, _ = fake
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert run(0) == 0
+    assert started() == []
+    assert json.loads(seen.read_text())["url"] == "http://127.0.0.1:9/api"
+
+
+@pytest.mark.slow
+def test_the_real_prefect_server_starts_answers_and_stops(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with prefect_server.server(env=env, timeout=180) as url:
+        assert prefect_server.answers(url)
+    assert not prefect_server.answers(url)

@@ -32,22 +32,52 @@ def test_agreeing_gradients_pass_through_unchanged(strategy):
 def test_pcgrad_removes_the_conflicting_component():
     a, b = flat(CONFLICT[0]), flat(CONFLICT[1])
     assert a @ b < 0
-    out = flat(aggregation.aggregate_pcgrad(*CONFLICT))
+    out = aggregation.aggregate_pcgrad(a, b)
     a_pc = a - (a @ b) / (b @ b) * b
     b_pc = b - (a @ b) / (a @ a) * a
     assert torch.allclose(a_pc @ b, torch.tensor(0.0), atol=1e-5)
     assert torch.allclose(b_pc @ a, torch.tensor(0.0), atol=1e-5)
     assert torch.allclose(out, a_pc + b_pc, atol=1e-6)
-    assert torch.equal(flat(aggregation.aggregate_pcgrad(*AGREE)), flat(AGREE[0]) + flat(AGREE[1]))
+    assert torch.equal(aggregation.aggregate_pcgrad(flat(AGREE[0]), flat(AGREE[1])), flat(AGREE[0]) + flat(AGREE[1]))
 
 
 def test_sign_mask_keeps_one_sign_per_coordinate_with_probability_p():
     n = 20000
-    g_nat, g_rob = [torch.full((n,), 1.0)], [torch.full((n,), -3.0)]
-    out = aggregation.aggregate_graddrop(g_nat, g_rob, None, torch.Generator().manual_seed(0))[0]
+    g_nat, g_rob = torch.full((n,), 1.0), torch.full((n,), -3.0)
+    out = aggregation.aggregate_graddrop(g_nat, g_rob, None, torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) <= {1.0, -3.0}  # each coordinate keeps exactly one expert
     p = 0.5 * (1 + (1 - 3) / (1 + 3))  # 0.25
     assert abs((out > 0).float().mean().item() - p) < 0.02
+
+
+def per_parameter_mask(grads, generator):
+    """The mask as first written: one stack, draw and mask per parameter, in parameter order."""
+    out = []
+    for parts in zip(*grads):
+        stacked = torch.stack(list(parts))
+        purity = 0.5 * (1 + stacked.sum(0) / stacked.abs().sum(0).clamp_min(1e-20))
+        keep_positive = (torch.rand(purity.shape, generator=generator) < purity).unsqueeze(0)
+        out.append((stacked * torch.where(keep_positive, stacked > 0, stacked < 0)).sum(0))
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["sum", "mtard", "graddrop", "sga"])
+def test_flattened_aggregation_equals_the_per_parameter_one_bit_for_bit(strategy):
+    """Aggregating one flattened vector changes no bit: same elementwise math, same random numbers."""
+    torch.manual_seed(0)
+    shapes = [(16, 1, 3, 3), (16,), (16,), (32, 16, 3, 3), (32,), (10, 32), (10,)]
+    agg, reference = aggregation.GradientAggregator(strategy, 0.3, seed=5), torch.Generator().manual_seed(5)
+    weights = torch.ones(2)
+    for step in range(3):
+        g_nat, g_rob = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+        losses = (1.0 + step, 2.0 - 0.5 * step)
+        w = weights if strategy in aggregation.WEIGHTED else torch.ones(2)
+        weighted = [[w[0] * a for a in g_nat], [w[1] * b for b in g_rob]]
+        expected = (per_parameter_mask(weighted, reference) if strategy in ("graddrop", "sga")
+                    else [a + b for a, b in zip(*weighted)])
+        out, _ = agg(g_nat, g_rob, losses)
+        assert all(torch.equal(o, e) for o, e in zip(out, expected))
+        weights = agg.weights.clone()
 
 
 def test_masking_is_reproducible_under_a_seed():
@@ -96,8 +126,8 @@ def test_unweighted_strategies_keep_unit_weights():
 
 
 def test_mtard_weights_scale_each_expert():
-    out = aggregation.aggregate_mtard(*CONFLICT, torch.tensor([0.5, 1.5]))
-    assert torch.allclose(flat(out), 0.5 * flat(CONFLICT[0]) + 1.5 * flat(CONFLICT[1]))
+    out = aggregation.aggregate_mtard(flat(CONFLICT[0]), flat(CONFLICT[1]), torch.tensor([0.5, 1.5]))
+    assert torch.allclose(out, 0.5 * flat(CONFLICT[0]) + 1.5 * flat(CONFLICT[1]))
 
 
 def test_logged_statistics():
@@ -105,7 +135,7 @@ def test_logged_statistics():
     a, b = flat(CONFLICT[0]), flat(CONFLICT[1])
     assert stats["cos_nat_rob"] == pytest.approx(((a @ b) / (a.norm() * b.norm())).item())
     assert stats["conflict_frac"] == pytest.approx(5 / 6)  # coordinate 3 (0.5, 0.25) agrees
-    assert aggregation.cosine([torch.zeros(3)], [torch.ones(3)]) == 0.0
+    assert aggregation.cosine(torch.zeros(3), torch.ones(3)) == 0.0
 
 
 def test_unknown_strategy_is_named():

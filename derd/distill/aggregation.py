@@ -1,7 +1,9 @@
 """Stochastic gradient aggregation of the two experts' gradients on the student (METHOD.md, Stage-II 4).
 
-g_nat = ∇θ L_nat and g_rob = ∇θ λrob·L_rob arrive as lists of tensors (one per student parameter).
-Each strategy is a small pure function ``(g_nat, g_rob, weights, generator) -> list[Tensor]``:
+g_nat = ∇θ L_nat and g_rob = ∇θ λrob·L_rob arrive as lists of tensors (one per student parameter);
+:class:`GradientAggregator` flattens each list once into one vector (a few large kernels instead of
+a few small ones per parameter), and each strategy is a small pure function on those vectors
+``(g_nat, g_rob, weights, generator) -> Tensor``:
 
 - ``sum``      g_nat + g_rob (the "w/o SGA" ablation)
 - ``pcgrad``   PCGrad (Yu et al. 2020): on conflict (g_nat·g_rob < 0) each gradient loses its
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 Grads = list[torch.Tensor]
-Strategy = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor, torch.Generator | None], Grads]
+Strategy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator | None], torch.Tensor]
 
 N_EXPERTS = 2
 
@@ -39,60 +41,55 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Grads:
     return out
 
 
-def cosine(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]) -> float:
-    """cos(g_a, g_b) of the flattened gradients (0 when either is zero)."""
-    a, b = flatten(g_a), flatten(g_b)
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b) of two flattened gradients (0 when either is zero)."""
     denom = a.norm() * b.norm()
     return float((a @ b) / denom) if denom > 0 else 0.0
 
 
-def conflict_fraction(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]) -> float:
+def conflict_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of coordinates whose two gradient entries have opposite signs."""
-    a, b = flatten(g_a), flatten(g_b)
     return float(((a * b) < 0).float().mean())
 
 
-def aggregate_sum(g_nat, g_rob, weights=None, generator=None) -> Grads:
+def aggregate_sum(g_nat, g_rob, weights=None, generator=None) -> torch.Tensor:
     """g_nat + g_rob."""
-    return [a + b for a, b in zip(g_nat, g_rob)]
+    return g_nat + g_rob
 
 
-def aggregate_pcgrad(g_nat, g_rob, weights=None, generator=None) -> Grads:
+def aggregate_pcgrad(g_nat, g_rob, weights=None, generator=None) -> torch.Tensor:
     """PCGrad with two tasks: g_i ← g_i − (g_i·g_j / ‖g_j‖²)·g_j when g_i·g_j < 0 (originals on the right)."""
-    a, b = flatten(g_nat), flatten(g_rob)
+    a, b = g_nat, g_rob
     dot = a @ b
     if dot < 0:
         a, b = a - dot / (b @ b).clamp_min(1e-20) * b, b - dot / (a @ a).clamp_min(1e-20) * a
-    return unflatten(a + b, g_nat)
+    return a + b
 
 
-def sign_consistency_mask(grads: Sequence[Sequence[torch.Tensor]], generator: torch.Generator | None) -> Grads:
-    """GradDrop's stochastic mask over several gradient lists, summed: per coordinate keep the
-    positive entries where U < P = ½(1 + Σg/Σ|g|), else the negative ones."""
-    out = []
-    for parts in zip(*grads):
-        stacked = torch.stack(list(parts))
-        purity = 0.5 * (1 + stacked.sum(0) / stacked.abs().sum(0).clamp_min(1e-20))
-        u = torch.rand(purity.shape, generator=generator,
-                       device=generator.device if generator is not None else purity.device)
-        keep_positive = (u < purity).unsqueeze(0)
-        mask = torch.where(keep_positive, stacked > 0, stacked < 0)
-        out.append((stacked * mask).sum(0))
-    return out
+def sign_consistency_mask(grads: Sequence[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+    """GradDrop's stochastic mask over several flattened gradients, summed: per coordinate keep the
+    positive entries where U < P = ½(1 + Σg/Σ|g|), else the negative ones (U drawn in coordinate
+    order: the same numbers as one draw per parameter in parameter order)."""
+    stacked = torch.stack(list(grads))
+    purity = 0.5 * (1 + stacked.sum(0) / stacked.abs().sum(0).clamp_min(1e-20))
+    u = torch.rand(purity.shape, generator=generator,
+                   device=generator.device if generator is not None else purity.device)
+    mask = torch.where((u < purity).unsqueeze(0), stacked > 0, stacked < 0)
+    return (stacked * mask).sum(0)
 
 
-def aggregate_graddrop(g_nat, g_rob, weights=None, generator=None) -> Grads:
+def aggregate_graddrop(g_nat, g_rob, weights=None, generator=None) -> torch.Tensor:
     return sign_consistency_mask([g_nat, g_rob], generator)
 
 
-def aggregate_mtard(g_nat, g_rob, weights, generator=None) -> Grads:
+def aggregate_mtard(g_nat, g_rob, weights, generator=None) -> torch.Tensor:
     """w_nat·g_nat + w_rob·g_rob."""
-    return [weights[0] * a + weights[1] * b for a, b in zip(g_nat, g_rob)]
+    return weights[0] * g_nat + weights[1] * g_rob
 
 
-def aggregate_sga(g_nat, g_rob, weights, generator) -> Grads:
+def aggregate_sga(g_nat, g_rob, weights, generator) -> torch.Tensor:
     """The weighted gradients, then the stochastic sign-consistency mask."""
-    return sign_consistency_mask([[weights[0] * a for a in g_nat], [weights[1] * b for b in g_rob]], generator)
+    return sign_consistency_mask([weights[0] * g_nat, weights[1] * g_rob], generator)
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -142,10 +139,11 @@ class GradientAggregator:
         """Aggregate with the current weights, then move the weights (weighted strategies only).
 
         ``losses`` are the two experts' current loss values (L_nat, λrob·L_rob)."""
-        stats = {"cos_nat_rob": cosine(g_nat, g_rob), "conflict_frac": conflict_fraction(g_nat, g_rob),
+        a, b = flatten(g_nat), flatten(g_rob)
+        stats = {"cos_nat_rob": cosine(a, b), "conflict_frac": conflict_fraction(a, b),
                  "w_nat": float(self.weights[0]), "w_rob": float(self.weights[1])}
-        device = g_nat[0].device
-        grads = STRATEGIES[self.strategy](g_nat, g_rob, self.weights.to(device), self._generator_on(device))
+        device = a.device
+        grads = unflatten(STRATEGIES[self.strategy](a, b, self.weights.to(device), self._generator_on(device)), g_nat)
         if self.strategy in WEIGHTED:
             current = torch.tensor([float(v) for v in losses])
             if self.initial_losses is None:

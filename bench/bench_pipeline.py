@@ -1,106 +1,244 @@
-"""Wall time of each pipeline stage and its fixed overhead (imports, Prefect, MLflow).
+"""The default `dvc repro` as a user runs it: per-stage fixed cost vs compute, one Prefect server vs a
+temporary one per stage, and what a rerun and a sweep point cost. Measured in a fresh ``git clone``
+of the project's HEAD in a temporary folder (never in the project's own DVC state).
 
-Copies the project into a temporary git + DVC repository, runs ``derd <stage>`` for every stage as
-DVC would (one process each) and prints, per stage, the wall time, the stage's own time (the run
-record's ``seconds``: the library call) and the difference, i.e. the fixed cost of starting Python
-and torch, Prefect (temporary server, or a running one with ``--prefect-server``) and MLflow logging.
-Then it changes one Stage-II key and times ``dvc repro`` (the Stage-II-only rerun) and a no-op
-``dvc repro``.
+Phases (``--phases``, in this order; each appends to the JSON as it finishes, so a long run keeps
+what it measured):
 
-    python -m bench.bench_pipeline                   # params.yaml of the project, temporary servers
-    python -m bench.bench_pipeline --params my.yaml --prefect-server
+- ``full``     the reference workload (the README's budget unit), then ``derd repro`` from scratch:
+               per stage its wall time (from DVC's "Running stage" lines to the next) and its in-stage
+               time (the run record's ``seconds``: the library call); fixed cost = the difference
+               (process start, imports, Prefect, MLflow, DVC's hashing and caching).
+- ``noop``     ``dvc repro`` again with nothing changed.
+- ``sweep``    ``dvc exp run --temp -S <--sweep>`` (default: one more method row) under one server:
+               which stages ran, which were skipped or restored from the run-cache, at what cost.
+- ``rerun``    ``derd repro`` after ``<--rerun>`` (default: a Stage-II weight): the Stage-II-only rerun.
+- ``overhead`` the report stage's fixed cost with a temporary server vs the shared one, interleaved
+               (before/after of ``derd repro``).
+
+    python -m bench.bench_pipeline                         # all phases, writes bench/pipeline.json
+    python -m bench.bench_pipeline --phases overhead --work /tmp/derd-pipeline-xxxx
 """
+# ruff: noqa: ISC004  (the report's paragraphs are implicitly concatenated strings in lists, on purpose)
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
-import signal
-import socket
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from bench.timing import once
+from bench.timing import machine, reference_workload
 
 PROJECT = Path(__file__).resolve().parent.parent
-STAGES = ("teachers", "warmup", "distill", "evaluate", "report")
+PHASES = ("full", "noop", "sweep", "rerun", "overhead")
+RUNNING = re.compile(r"Running stage '([^']+)'")
+COMMAND = re.compile(r"^> .*pipelines\.cli (\w+)(?: --only (\S+))?")
+SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)")
+SHARED_SERVER = "import sys; from pipelines import prefect_server; sys.exit(prefect_server.repro(sys.argv[2:], run=sys.argv[1].split()))"
 
 
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
-    done, seconds = once(lambda: subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                                                check=False))
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return seconds
+def environment() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    for key in ("PREFECT_API_URL", "PYTHONPATH", "OMP_NUM_THREADS"):  # as a user runs it
+        env.pop(key, None)
+    return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def record(work: Path, stage: str, unit: str | None) -> float | None:
+    """The in-stage seconds of a stage's run record (None for a stage that writes none: inputs)."""
+    path = work / "artifacts" / "runs" / (f"{stage}-{unit}.json" if unit else f"{stage}.json")
+    return json.loads(path.read_text())["seconds"] if path.exists() else None
+
+
+def run_logged(cmd: list[str], work: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd``, timestamping DVC's stage lines: per stage that ran, wall and in-stage seconds; the
+    stages skipped or restored from the run-cache; the shared server's start time when one started."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marks: list[tuple[str, float]] = []
+    commands: dict[str, tuple[str, str | None]] = {}
+    skipped, server_s, tail = [], None, []
+    for line in proc.stdout:
+        now = time.monotonic() - start
+        tail = (tail + [line.rstrip()])[-40:]
+        if m := RUNNING.search(line):
+            marks.append((m.group(1), now))
+        elif (m := COMMAND.match(line.strip())) and marks:
+            commands[marks[-1][0]] = (m.group(1), m.group(2))
+        elif m := SKIPPED.search(line):
+            skipped.append(m.group(1))
+        elif "derd repro: Prefect server" in line and (m := re.search(r"started in ([\d.]+) s", line)):
+            server_s = float(m.group(1))
+    status = proc.wait()
+    total = time.monotonic() - start
+    if status:
+        sys.exit(f"{' '.join(cmd)} failed ({status}):\n" + "\n".join(tail))
+    stages = []
+    for i, (name, t0) in enumerate(marks):
+        wall = (marks[i + 1][1] if i + 1 < len(marks) else total) - t0
+        inner = record(work, *commands[name]) if name in commands else None
+        stages.append({"stage": name, "wall_s": wall, "in_stage_s": inner,
+                       "fixed_s": wall - (inner or 0.0)})
+    before_first = marks[0][1] if marks else total
+    return {"command": " ".join(cmd), "total_s": total, "before_first_stage_s": before_first,
+            "server_start_s": server_s, "stages": stages, "skipped": skipped}
+
+
+def shared(cmd: str, *args: str) -> list[str]:
+    """``cmd args`` under one Prefect server (``pipelines.prefect_server.repro``)."""
+    return [sys.executable, "-c", SHARED_SERVER, cmd, *args]
+
+
+def set_param(work: Path, assignment: str) -> None:
+    """``key.path=yaml-value`` written into the clone's params.yaml (then committed there)."""
+    import yaml
+
+    key, value = assignment.split("=", 1)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def fixed_cost_modes(work: Path, env: dict[str, str], reps: int) -> dict[str, Any]:
+    """The report stage's fixed cost (wall - in-stage) with a temporary Prefect server vs a shared one,
+    interleaved temp, shared, temp, ... (the shared server is started once, outside the timing)."""
+    from pipelines.prefect_server import server
+
+    cmd = [sys.executable, "-m", "pipelines.cli", "report"]
+    out: dict[str, list[float]] = {"temporary": [], "shared": []}
+    with server(env={**env, "PREFECT_HOME": str(work / ".prefect")}) as url:
+        for _ in range(reps):
+            for mode, extra in (("temporary", {}), ("shared", {"PREFECT_API_URL": url})):
+                start = time.monotonic()
+                subprocess.run(cmd, cwd=work, env={**env, **extra}, check=True, capture_output=True)
+                out[mode].append(time.monotonic() - start - record(work, "report", None))
+    return {"stage": "report", "reps": reps, "fixed_s": out,
+            "median_s": {k: statistics.median(v) for k, v in out.items()}}
+
+
+def fixed_total(run: dict[str, Any]) -> float:
+    """A run's fixed cost: every stage's (wall - in-stage) plus what came before the first stage (the
+    shared server's start, DVC reading the pipeline)."""
+    return run["before_first_stage_s"] + sum(st["fixed_s"] for st in run["stages"])
+
+
+def _stage_table(run: dict[str, Any]) -> list[str]:
+    lines = ["| stage | wall s | in-stage s | fixed s | fixed share of the stage |", "|---|---|---|---|---|"]
+    for st in run["stages"]:
+        inner = "—" if st["in_stage_s"] is None else f"{st['in_stage_s']:.1f}"
+        lines.append(f"| {st['stage']} | {st['wall_s']:.1f} | {inner} | {st['fixed_s']:.1f} | "
+                     f"{100 * st['fixed_s'] / st['wall_s']:.0f}% |")
+    return lines
+
+
+def render(P: dict[str, Any]) -> list[str]:
+    """The results.md section for a bench/pipeline.json (its own run: say when and on what)."""
+    setup = P.get("setup", {})
+    L = ["## Pipeline overhead and incremental cost (the default `dvc repro`)", "",
+         f"Measured by `python -m bench.bench_pipeline` in a fresh clone of commit {setup.get('commit', '?')} "
+         f"({setup.get('date', '?')}; a separate run from the sections above, minutes to hours long, on the same "
+         f"machine; load average at its start {setup.get('machine', {}).get('loadavg_at_start', '?')}). Stage wall "
+         "time: from DVC's `Running stage` line to the next; in-stage: the run record's `seconds` (the library "
+         "call); fixed = wall − in-stage (process start, imports, Prefect, MLflow, DVC hashing/caching). `inputs` "
+         "writes no run record: all of it counts as fixed.", ""]
+    if "full" not in P:
+        return L + ["The full run has not finished (no `full` phase in bench/pipeline.json).", ""]
+    full, ref = P["full"], P["reference_workload"]
+    fixed, total = fixed_total(full), full["total_s"]
+    unit = ref["seconds"] * 1000 / ref["matmuls"]
+    prefect_stages = sum(st["in_stage_s"] is not None for st in full["stages"])
+    L += [f"`derd repro` from scratch (one Prefect server, started in {full['server_start_s'] or 0:.1f} s): "
+          f"**{total:.0f} s** = {total / unit:.1f}× the budget unit measured just before it ({unit:.1f} s: 1,000 "
+          f"fp32 1024² matmuls on 2 threads; goal ≤ 40×: {'met' if total / unit <= 40 else 'NOT met'}). "
+          f"Fixed cost {fixed:.0f} s = **{100 * fixed / total:.1f}%** of the run (goal ≤ 10%: "
+          f"{'met' if fixed / total <= 0.10 else 'NOT met'}), {fixed - full['before_first_stage_s']:.0f} s of it in "
+          f"the stages and {full['before_first_stage_s']:.0f} s before the first one.", "", *_stage_table(full), ""]
+    if "overhead" in P:
+        ov = P["overhead"]["median_s"]
+        delta = ov["temporary"] - ov["shared"]
+        before = fixed - (full["server_start_s"] or 0) + prefect_stages * delta
+        before_total = total - fixed + before
+        L += [f"Before/after one server: the report stage's fixed cost, {P['overhead']['reps']} interleaved runs each, "
+              f"median: temporary server per command {ov['temporary']:.1f} s, shared server {ov['shared']:.1f} s "
+              f"(×{ov['temporary'] / ov['shared']:.2f}). Over the {prefect_stages} Prefect stages of the run that is "
+              f"{prefect_stages * delta:.0f} s saved for one {full['server_start_s'] or 0:.0f} s server start: fixed cost "
+              f"{before:.0f} s before vs {fixed:.0f} s after (**×{before / fixed:.2f}**), {100 * before / before_total:.1f}% "
+              f"vs {100 * fixed / total:.1f}% of the run (before: projected from this run's stages plus the measured "
+              "difference per stage).", ""]
+    if "noop" in P:
+        L += [f"`dvc repro` with nothing changed: {P['noop']['total_s']:.1f} s "
+              f"({', '.join(st['stage'] for st in P['noop']['stages']) or 'no stage'} ran).", ""]
+    for key, title in (("rerun", "Stage-II-only rerun (`derd repro` after `{}`)"),
+                       ("sweep", "Sweep point (`dvc exp run --temp -S '{}'`, one server)")):
+        if key not in P:
+            continue
+        r = P[key]
+        ran = {st["stage"].split("@")[0] for st in r["stages"]}
+        free = [name for name in ("teachers", "warmup", "inversion") if name not in ran]
+        L += [f"{title.format(r['set'])}: **{r['total_s']:.0f} s = {100 * r['total_s'] / total:.0f}% of the full run**; "
+              f"ran: {', '.join(st['stage'] for st in r['stages'])}; skipped or restored from the run-cache: "
+              f"{', '.join(r['skipped']) or 'none'}. Teachers and Stage-I: "
+              + ("0 s (not run)." if len(free) == 3 else f"RAN ({', '.join(sorted(ran & {'teachers', 'warmup', 'inversion'}))})."),
+              "", *_stage_table(r), ""]
+    return L
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(PROJECT / "params.yaml"))
-    ap.add_argument("--prefect-server", action="store_true", help="start `prefect server` once for all stages")
-    ap.add_argument("--change", default="stage2.lambda_rob=1.0", help="the Stage-II change of the rerun")
-    args = ap.parse_args()
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    ap.add_argument("--work", help="an existing clone from an earlier run (default: a fresh clone)")
+    ap.add_argument("--sweep", default="stage2.methods=[derd,dfad,dfard,derd_no_tnat]",
+                    help="the -S of the dvc exp run --temp sweep point")
+    ap.add_argument("--rerun", default="stage2.lambda_rob=0.5", help="the Stage-II change of the rerun")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the overhead phase")
+    ap.add_argument("--out", default=str(PROJECT / "bench" / "pipeline.json"))
+    a = ap.parse_args()
+    phases = [p for p in PHASES if p in a.phases.split(",")]
+    env = environment()
+    out = Path(a.out)
+    R: dict[str, Any] = json.loads(out.read_text()) if a.work and out.exists() else {}
 
-    work = Path(tempfile.mkdtemp(prefix="derd-bench-"))
-    for name in ("derd", "pipelines"):
-        shutil.copytree(PROJECT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "pyproject.toml", ".gitignore"):
-        shutil.copy(PROJECT / name, work / name)
-    shutil.copy(args.params, work / "params.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(work), "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.com"],
-                ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "bench"]):
-        sh(cmd, work, env)
-    server = None
-    if args.prefect_server:
-        port = free_port()
-        env["PREFECT_HOME"] = str(work / ".prefect")
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=work, env=env, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        wait = ("import time, urllib.request as u\nfor _ in range(240):\n try:\n"
-                f"  u.urlopen('http://127.0.0.1:{port}/api/health'); break\n except Exception: time.sleep(0.5)")
-        started = sh([sys.executable, "-c", wait], work, env)
-        print(f"prefect server start: {started:.1f}s")
-    try:
-        print(f"{'stage':10s} {'wall s':>8s} {'stage s':>8s} {'overhead s':>10s}")
-        total = 0.0
-        for stage in STAGES:
-            wall = sh(["derd", stage], work, env)
-            inner = json.loads((work / "artifacts" / "runs" / f"{stage}.json").read_text())["seconds"]
-            total += wall
-            print(f"{stage:10s} {wall:8.1f} {inner:8.1f} {wall - inner:10.1f}")
-        print(f"{'total':10s} {total:8.1f}")
-        sh(["dvc", "commit", "-f", "-q"], work, env)  # record the stages run above in dvc.lock
-        print(f"dvc repro, nothing changed: {sh(['dvc', 'repro'], work, env):.1f}s")
-        key, value = args.change.split("=", 1)
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        print(f"dvc repro after {args.change} (Stage-II rerun): {sh(['dvc', 'repro'], work, env):.1f}s")
-    finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        print(f"(work dir kept: {work})")
+    def save(name: str, value: Any) -> None:
+        R[name] = value
+        out.write_text(json.dumps(R, indent=1) + "\n", encoding="utf-8")
+        print(f"[bench_pipeline] {name}: done", flush=True)
+
+    if a.work:
+        work = Path(a.work)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="derd-pipeline-")) / "derd"
+        subprocess.run(["git", "clone", "-q", str(PROJECT), str(work)], check=True)
+        save("setup", {"work": str(work), "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=work, capture_output=True, text=True, check=True).stdout.strip(),
+            "machine": machine(threads_used=0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+    if "full" in phases:
+        ref = reference_workload(count=1000, n=1024, n_threads=2)
+        save("reference_workload", ref)
+        save("full", run_logged([sys.executable, "-m", "pipelines.cli", "repro"], work, env))
+    if "noop" in phases:
+        save("noop", run_logged(["dvc", "repro"], work, env))
+    if "sweep" in phases:
+        save("sweep", {"set": a.sweep, **run_logged(shared("dvc exp run", "--temp", "-S", a.sweep), work, env)})
+    if "rerun" in phases:
+        set_param(work, a.rerun)
+        subprocess.run([*git, "commit", "-qam", f"bench: {a.rerun}"], cwd=work, check=True)
+        save("rerun", {"set": a.rerun, **run_logged([sys.executable, "-m", "pipelines.cli", "repro"], work, env)})
+    if "overhead" in phases:
+        save("overhead", fixed_cost_modes(work, env, a.reps))
+    print(f"wrote {out} (work dir kept: {work})")
 
 
 if __name__ == "__main__":

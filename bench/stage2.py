@@ -50,8 +50,10 @@ def base_raw() -> dict[str, Any]:
 
 def make_config(*, arch: str | None = None, student_arch: str | None = None, dataset: str | None = None,
                 image_size: int | None = None, batch: int | None = None, k_student: int | None = None,
-                pgd_steps: int | None = None, **stage2: Any) -> config.Config:
+                pgd_steps: int | None = None, runtime: dict[str, Any] | None = None, **stage2: Any) -> config.Config:
     raw = base_raw()
+    if runtime:
+        raw.setdefault("runtime", {}).update(runtime)
     if dataset:
         raw["data"]["name"] = dataset
     if image_size:

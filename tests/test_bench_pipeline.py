@@ -1,0 +1,75 @@
+"""bench.bench_pipeline: reading DVC's output into per-stage wall / in-stage / fixed seconds, and the
+shares and before/after ratio it reports (a stand-in for `dvc repro`, no pipeline is run)."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from bench import bench_pipeline
+
+FAKE_DVC = """
+import json, pathlib, sys, time
+runs = pathlib.Path("artifacts/runs"); runs.mkdir(parents=True, exist_ok=True)
+print("derd repro: Prefect server at http://127.0.0.1:1/api (UI ...) started in 2.5 s; it stops when the run ends")
+print("Running stage 'inputs':"); print("> python -m pipelines.cli inputs", flush=True); time.sleep(0.2)
+print("Running stage 'teachers':"); print("> python -m pipelines.cli teachers", flush=True); time.sleep(0.4)
+(runs / "teachers.json").write_text(json.dumps({"seconds": 0.1}))
+print("Stage 'warmup@natural' didn't change, skipping")
+print("Stage 'inversion' is cached - skipping run, checking out outputs")
+print("Running stage 'distill@derd-0':"); print("> python -m pipelines.cli distill --only derd-seed0", flush=True)
+time.sleep(0.3)
+(runs / "distill-derd-seed0.json").write_text(json.dumps({"seconds": 0.05}))
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_stage_lines_become_wall_in_stage_and_fixed_seconds(tmp_path):
+    run = bench_pipeline.run_logged([sys.executable, "-c", FAKE_DVC, "0"], tmp_path, {})
+    names = [st["stage"] for st in run["stages"]]
+    assert names == ["inputs", "teachers", "distill@derd-0"]
+    inputs, teachers, distill = run["stages"]
+    assert inputs["in_stage_s"] is None and inputs["fixed_s"] == inputs["wall_s"] >= 0.2
+    assert teachers["in_stage_s"] == 0.1 and teachers["wall_s"] >= 0.4
+    assert teachers["fixed_s"] == pytest.approx(teachers["wall_s"] - 0.1)
+    assert distill["in_stage_s"] == 0.05 and distill["wall_s"] >= 0.3  # the last stage ends with the process
+    assert run["skipped"] == ["warmup@natural", "inversion"]
+    assert run["server_start_s"] == 2.5
+    assert sum(st["wall_s"] for st in run["stages"]) + run["before_first_stage_s"] == pytest.approx(run["total_s"])
+
+
+def test_a_failed_run_stops_with_its_output(tmp_path):
+    with pytest.raises(SystemExit, match="failed \\(3\\)(.|\n)*Running stage 'distill@derd-0'"):
+        bench_pipeline.run_logged([sys.executable, "-c", FAKE_DVC, "3"], tmp_path, {})
+
+
+def stage(name, wall, inner):
+    return {"stage": name, "wall_s": wall, "in_stage_s": inner, "fixed_s": wall - (inner or 0.0)}
+
+
+def test_the_report_states_the_share_the_budget_multiple_and_the_before_after_ratio():
+    P = {"setup": {"commit": "abc1234", "date": "today", "machine": {"loadavg_at_start": [1.0, 1.0, 1.0]}},
+         "reference_workload": {"seconds": 50.0, "matmuls": 1000},
+         "full": {"total_s": 1000.0, "before_first_stage_s": 10.0, "server_start_s": 8.0, "skipped": [],
+                  "stages": [stage("inputs", 2.0, None), stage("teachers", 400.0, 390.0),
+                             stage("distill@derd-0", 588.0, 578.0)]},
+         "overhead": {"reps": 3, "median_s": {"temporary": 15.0, "shared": 5.0}},
+         "sweep": {"set": "stage2.methods=[derd,dfad]", "total_s": 100.0, "skipped": ["teachers", "warmup@natural"],
+                   "stages": [stage("evaluate", 60.0, 55.0), stage("report", 40.0, 35.0)]}}
+    text = "\n".join(bench_pipeline.render(P))
+    assert bench_pipeline.fixed_total(P["full"]) == pytest.approx(32.0)  # 10 + 2 + 10 + 10
+    assert "**1000 s** = 20.0× the budget unit" in text and "goal ≤ 40×: met" in text
+    assert "= **3.2%** of the run (goal ≤ 10%: met)" in text
+    # before: 32 - 8 (no shared server) + 2 Prefect stages x (15 - 5) = 44 s
+    assert "fixed cost 44 s before vs 32 s after (**×1.38**)" in text
+    assert "**100 s = 10% of the full run**" in text and "Teachers and Stage-I: 0 s (not run)." in text
+
+
+def test_a_sweep_that_reran_a_teacher_says_so():
+    P = {"reference_workload": {"seconds": 50.0, "matmuls": 1000},
+         "full": {"total_s": 100.0, "before_first_stage_s": 1.0, "server_start_s": None, "skipped": [],
+                  "stages": [stage("teachers", 99.0, 98.0)]},
+         "sweep": {"set": "teachers.natural.width=8", "total_s": 50.0, "skipped": [],
+                   "stages": [stage("teachers", 50.0, 49.0)]}}
+    assert "Teachers and Stage-I: RAN (teachers)." in "\n".join(bench_pipeline.render(P))
+

@@ -13,10 +13,11 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,15 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagenet100")
-ARCHITECTURES = (
-    "small_cnn", "small_resnet", "resnet18", "resnet34", "preact_resnet18", "wrn34_10",
-    "mobilenet_v2", "resnet18_imagenet", "resnet50_imagenet",
-)
-GENERATORS = ("dafl", "dcgan")
-METHODS = ("derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard", "rslad_real")
-AGGREGATIONS = ("sga", "sum", "pcgrad", "graddrop", "mtard")
+from pydantic_core import PydanticCustomError
 
 # keys that say where inputs live or how a run is logged, not what is computed: never part of a params hash
 WHERE_NOT_WHAT = ("data.root", "data.download", "data.num_workers", "device", "tracking")
@@ -43,6 +36,7 @@ class ConfigError(ValueError):
 
 
 _READS: set[str] | None = None  # the keys read since trace_reads() (None: not tracing)
+_TRACED = False  # trace_reads() was called: name validation leaves no imported module behind
 _PATHS: dict[int, str] = {}  # id of each traced section -> its dotted path
 
 
@@ -64,13 +58,39 @@ class Section(BaseModel):
         return out
 
 
+def registered_names(kind: str) -> list[str]:
+    """The names of ``kind`` in :mod:`derd.registry` (imported lazily: the registries' modules import the config)."""
+    from derd.registry import names_of
+
+    return names_of(kind, forget_imports=_TRACED)
+
+
+def _registered(kind: str) -> AfterValidator:
+    """Validator: a name registered for ``kind``; an unknown one lists the registered names."""
+    def check(name: str) -> str:
+        known = registered_names(kind)
+        if name not in known:
+            listed = ", ".join(map(repr, known[:-1])) + f" or {known[-1]!r}" if len(known) > 1 else repr(known[0])
+            raise PydanticCustomError("literal_error", "must be a registered {kind}", {"kind": kind, "expected": listed})
+        return name
+
+    return AfterValidator(check)
+
+
+DatasetName = Annotated[str, _registered("dataset")]
+ArchName = Annotated[str, _registered("architecture")]
+GeneratorName = Annotated[str, _registered("generator")]
+MethodName = Annotated[str, _registered("method")]
+AggregationName = Annotated[str, _registered("aggregation")]
+
+
 class Augment(Section):
     crop_padding: int = Field(2, ge=0)  # random crop after zero padding of this many pixels
     hflip: bool = False  # random horizontal flip (off for digits: a flipped 2 is not a 2)
 
 
 class Data(Section):
-    name: Literal[DATASETS] = "digits"
+    name: DatasetName = "digits"
     root: str = "data"  # where cifar/imagenet100 live (ignored by digits)
     download: bool = False  # let torchvision download CIFAR into root
     image_size: int = Field(16, ge=8)  # digits are resized to this square; ImageNet crops to it
@@ -97,7 +117,7 @@ class Attack(Section):
 
 
 class NaturalTeacher(Section):
-    arch: Literal[ARCHITECTURES] = "small_resnet"
+    arch: ArchName = "small_resnet"
     width: int = Field(16, ge=1)  # base width of the small offline nets (ignored by others)
     checkpoint: str | None = None  # load this instead of training
     normalize: Literal["dataset", "none"] = "dataset"  # none: the net sees raw [0,1] inputs (TRADES/RobustBench weights)
@@ -116,7 +136,7 @@ class Teachers(Section):
 
 
 class Generator(Section):
-    arch: Literal[GENERATORS] = "dafl"
+    arch: GeneratorName = "dafl"
     nz: int = Field(100, ge=1)  # latent size
     width: int | None = Field(None, ge=8)  # base channels; null = the arch's default (dafl 128, dcgan 64)
 
@@ -149,7 +169,7 @@ class Stage1(Section):
 
 
 class Student(Section):
-    arch: Literal[ARCHITECTURES] = "small_cnn"
+    arch: ArchName = "small_cnn"
     width: int = Field(16, ge=1)
 
 
@@ -190,7 +210,7 @@ class Baselines(Section):
 
 
 class Stage2(Section):
-    methods: list[Literal[METHODS]] = Field(["derd"], min_length=1)
+    methods: list[MethodName] = Field(["derd"], min_length=1)
     seeds: list[int] = Field([0], min_length=1)  # one student per (method, seed)
     student: Student = Student()
     iterations: int = Field(200, ge=1)  # generator steps; each is followed by k_student steps
@@ -205,7 +225,7 @@ class Stage2(Section):
     lambda_rob: float = Field(0.5, ge=0)
     lambda_nat: float = Field(1.0, ge=0)
     lambda_sga: float = Field(5e-4, ge=0)
-    aggregation: Literal[AGGREGATIONS] = "sga"
+    aggregation: AggregationName = "sga"
     tau: float = Field(1.0, gt=0)
     rob_target: Literal["adv", "clean"] = "adv"
     generator_init: Literal["stage1", "scratch"] = "stage1"  # [R] scratch = the w/o Stage-I ablation
@@ -350,8 +370,8 @@ def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
 def trace_reads() -> set[str]:
     """Record from now on which keys of every config loaded are read (attribute reads, dumps, hashes);
     returns the live set. The pipeline's dependency test compares them with each stage's dvc.yaml params."""
-    global _READS
-    _READS = set()
+    global _READS, _TRACED
+    _READS, _TRACED = set(), True
     return _READS
 
 
@@ -423,7 +443,7 @@ def _generator_size(cfg: Config) -> list[str]:
     rule = {"dafl": "a multiple of 4", "dcgan": "7·2^k, e.g. 28, 56, 112 or 224"}[arch]
     near = sorted(sizes, key=lambda s: (abs(s - size), s))[:2]
     if cfg.data.name in NATIVE_IMAGE_SIZE:
-        fits = [a for a in GENERATORS if (_generator_sizes(a) or [size]).count(size)]
+        fits = [a for a in registered_names("generator") if (_generator_sizes(a) or [size]).count(size)]
         return [(f"stage1.generator.arch: {arch} cannot produce the {size}x{size} images of data.name="
                  f"{cfg.data.name} (it needs {rule}); use {' or '.join(fits) or 'another generator'}")]
     return [(f"data.image_size: {size} cannot be produced by stage1.generator.arch={arch} (it needs {rule}); "

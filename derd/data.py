@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,18 +48,24 @@ class Splits:
     test: Dataset
 
 
-DATASETS: Registry[Callable[[Data], Splits]] = Registry("dataset")
-register_dataset = DATASETS.register
+class Source(NamedTuple):
+    """A registered dataset: its loader and its cheap description (shape, classes, statistics)."""
+
+    load: Callable[[Data], Splits]
+    info: Callable[[Data], DatasetInfo]
+
+
+DATASETS: Registry[Source] = Registry("dataset", "data.name")
 
 
 def load(cfg: Data) -> Splits:
     """Load the configured dataset's train/val/test splits."""
-    return DATASETS[cfg.name](cfg)
+    return DATASETS[cfg.name].load(cfg)
 
 
 def info(cfg: Data) -> DatasetInfo:
     """Shape, classes and statistics without loading images (cheap for every dataset)."""
-    return _INFOS[cfg.name](cfg)
+    return DATASETS[cfg.name].info(cfg)
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -96,7 +103,6 @@ def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(bunch.target, dtype=torch.long)
 
 
-@register_dataset("digits")
 def _digits(cfg: Data) -> Splits:
     x, y = _digits_tensors(cfg.image_size)
     trainval, test = _stratified_split(y.numpy(), cfg.test_fraction, cfg.split_seed)
@@ -233,7 +239,6 @@ def _train_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return np.sort(keep)
 
 
-@register_dataset("fashion_mnist")
 def _fashion_mnist(cfg: Data) -> Splits:
     x_train, y_train, x_test, y_test = _fashion_tensors(str(fashion_folder(cfg).resolve()), cfg.image_size)
     train, val = _carve_val(TensorDataset(x_train, y_train), y_train.numpy(), cfg)
@@ -278,16 +283,11 @@ def _cifar_info(cfg: Data) -> DatasetInfo:
     return DatasetInfo(cfg.name, (3, 32, 32), classes, mean, std)
 
 
-register_dataset("cifar10")(_cifar)
-register_dataset("cifar100")(_cifar)
-
-
 # ---------------------------------------------------------------- ImageNet-100 (ImageFolder)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET100_CLASSES = "classes.txt"
 
 
-@register_dataset("imagenet100")
 def _imagenet100(cfg: Data) -> Splits:
     import torchvision
     from torchvision import transforms as T
@@ -336,13 +336,11 @@ def _imagenet_info(cfg: Data) -> DatasetInfo:
     return DatasetInfo("imagenet100", (3, cfg.image_size, cfg.image_size), classes, IMAGENET_MEAN, IMAGENET_STD)
 
 
-_INFOS: dict[str, Callable[[Data], DatasetInfo]] = {
-    "digits": _digits_info,
-    "fashion_mnist": _fashion_info,
-    "cifar10": _cifar_info,
-    "cifar100": _cifar_info,
-    "imagenet100": _imagenet_info,
-}
+DATASETS.register("digits")(Source(_digits, _digits_info))
+DATASETS.register("fashion_mnist")(Source(_fashion_mnist, _fashion_info))
+DATASETS.register("cifar10")(Source(_cifar, _cifar_info))
+DATASETS.register("cifar100")(Source(_cifar, _cifar_info))
+DATASETS.register("imagenet100")(Source(_imagenet100, _imagenet_info))
 
 
 # ---------------------------------------------------------------- augmentation and batching

@@ -1,11 +1,16 @@
 """Loss terms. Stage-I (DAFL / DeepInversion, METHOD.md "Stage-I") and the KD terms of Stage-II.
 
-Each term is a small function tied to its equation; :class:`StageOneLoss` weights them by name:
-L_G^I = λoh·L_oh + λie·L_ie + λBN·L_BN + λa·L_a.
+Each term is a small function tied to its equation; an objective is a :class:`WeightedSum` of named
+terms with weights from the config (:class:`StageOneLoss`: L_G^I = λoh·L_oh + λie·L_ie + λBN·L_BN + λa·L_a;
+DERD's L_G^II in :mod:`derd.distill.derd`), logged raw and weighted under the term names.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -98,63 +103,110 @@ class _Recording:
 
 
 @dataclass
-class StageOneResult:
+class Terms:
+    """One evaluation of a :class:`WeightedSum`: the total, and each computed term raw and weighted."""
+
     total: torch.Tensor
-    raw: dict[str, torch.Tensor]  # unweighted terms
+    raw: dict[str, torch.Tensor]
     weighted: dict[str, torch.Tensor]
-    logits: torch.Tensor  # teacher logits on x (reused by Stage-II's discrepancy term)
+
+    def logs(self, prefix: str = "", total: str | None = "total") -> dict[str, torch.Tensor]:
+        """Detached ``{prefix+total, prefix+<term>, prefix+"w_"+<term>}``: the names every log uses (per-step
+        CSVs, MLflow, the report). ``total=None`` leaves the total out."""
+        out = {prefix + total: self.total.detach()} if total else {}
+        out.update({prefix + k: v.detach() for k, v in self.raw.items()})
+        out.update({f"{prefix}w_{k}": v.detach() for k, v in self.weighted.items()})
+        return out
 
     def as_floats(self) -> dict[str, float]:
-        """``{"total", "<term>", "w_<term>"}`` as Python floats, for logs and CSV rows."""
-        out = {"total": self.total.item()}
-        out.update({k: v.item() for k, v in self.raw.items()})
-        out.update({f"w_{k}": v.item() for k, v in self.weighted.items()})
-        return out
+        """:meth:`logs` as Python floats (Stage-I's per-step CSV rows)."""
+        return {k: v.item() for k, v in self.logs().items()}
+
+
+class WeightedSum:
+    """L = Σ_k λ_k·L_k over named terms, in the order of ``weights`` (from the config). A term whose
+    weight is 0 is not computed: :meth:`active` says which ones are, and only those are logged."""
+
+    def __init__(self, weights: Mapping[str, float], source: str):
+        self.weights = dict(weights)
+        if not any(self.weights.values()):
+            raise ValueError(f"{source}: every term weight is 0 ({self.weights}), so the objective is empty")
+
+    def active(self, name: str) -> bool:
+        return bool(self.weights.get(name))
+
+    def describe(self, labels: Mapping[str, str]) -> str:
+        """The active terms as a formula, e.g. ``L_G^I(x; T_nat) − 0.003·D(S(x), T_nat(x))`` (for readings)."""
+        parts = []
+        for name, w in self.weights.items():
+            if w:
+                sign = ("− " if w < 0 else "+ ") if parts else ("−" if w < 0 else "")
+                parts.append(f"{sign}{'' if abs(w) == 1 else f'{abs(w):g}·'}{labels[name]}")
+        return " ".join(parts)
+
+    def __call__(self, terms: Mapping[str, Callable[[], torch.Tensor]]) -> Terms:
+        """Evaluate ``terms[name]()`` for every active term (each a thunk, so an inactive one costs nothing)."""
+        raw = {k: terms[k]() for k in self.weights if self.active(k)}
+        weighted = {k: self.weights[k] * v for k, v in raw.items()}
+        return Terms(functools.reduce(operator.add, weighted.values()), raw, weighted)
+
+
+@dataclass
+class StageOneResult(Terms):
+    logits: torch.Tensor  # teacher logits on x (reused by Stage-II's discrepancy term)
 
 
 class StageOneLoss:
     """L_G^I = λoh·L_oh + λie·L_ie + λBN·L_BN + λa·L_a against a frozen teacher in eval mode.
 
-    Every raw and weighted term is returned, so an inert term (λBN = 1e-5) is visible. Use as a
-    context manager (or call :meth:`close`) so the BN hooks are removed from the teacher.
+    Every computed term is returned raw and weighted, so an inert term (λBN = 1e-5) is visible; a
+    term with λ = 0 is not computed (λBN = 0: no BatchNorm hooks). ``record_bn`` keeps the hooks
+    for a caller that reads L_BN itself (``self.bn.loss()``). Use as a context manager (or call
+    :meth:`close`) so the hooks are removed from the teacher.
     """
 
     TERMS = ("oh", "ie", "bn", "a")
+    LABELS = {"oh": "L_oh", "ie": "L_ie", "bn": "L_BN", "a": "L_a"}
 
-    def __init__(self, teacher: nn.Module, lambdas: dict[str, float], log_base: str = "e"):
+    def __init__(self, teacher: nn.Module, lambdas: dict[str, float], log_base: str = "e", record_bn: bool = False):
         unknown = set(lambdas) - set(self.TERMS)
         if unknown:
             raise KeyError(f"unknown Stage-I terms {sorted(unknown)}; known: {self.TERMS}")
         if log_base not in LOG_BASES:
             raise ValueError(f"stage1.ie_log_base: must be one of {sorted(LOG_BASES)}, got {log_base!r}")
         self.teacher, self.lambdas, self.log_base = teacher, dict(lambdas), log_base
-        self.bn = BNStatistics(teacher)
-        if self.bn.n_hooks == 0:
+        self.objective = WeightedSum({t: self.lambdas.get(t, 0.0) for t in self.TERMS}, "Stage-I λ (stage1.lambda_*)")
+        self.bn = BNStatistics(teacher) if record_bn or self.objective.active("bn") else None
+        if self.bn is not None and self.bn.n_hooks == 0:
             self.close()
             raise ValueError(f"L_BN needs BatchNorm layers, and the teacher {type(teacher).__name__} has none")
 
     @classmethod
-    def from_config(cls, teacher: nn.Module, stage1) -> StageOneLoss:
+    def from_config(cls, teacher: nn.Module, stage1, record_bn: bool = False) -> StageOneLoss:
         lambdas = {t: getattr(stage1, f"lambda_{t}") for t in cls.TERMS}
-        return cls(teacher, lambdas, stage1.ie_log_base)
+        return cls(teacher, lambdas, stage1.ie_log_base, record_bn)
 
     def __call__(self, x: torch.Tensor) -> StageOneResult:
         if self.teacher.training:
             raise RuntimeError("StageOneLoss: the teacher must be in eval mode (train mode would use batch "
                                "statistics and overwrite its BatchNorm running statistics)")
-        with self.bn.recording():
+        with self.bn.recording() if self.bn is not None else contextlib.nullcontext():
             logits, features = self.teacher(x, return_features=True)
-        raw = {
-            "oh": one_hot_loss(logits),
-            "ie": information_entropy_loss(logits, self.log_base),
-            "bn": self.bn.loss(),
-            "a": activation_loss(features),
-        }
-        weighted = {k: self.lambdas.get(k, 0.0) * v for k, v in raw.items()}
-        return StageOneResult(torch.stack(list(weighted.values())).sum(), raw, weighted, logits)
+        terms = self.objective({
+            "oh": lambda: one_hot_loss(logits),
+            "ie": lambda: information_entropy_loss(logits, self.log_base),
+            "bn": lambda: self.bn.loss(),
+            "a": lambda: activation_loss(features),
+        })
+        return StageOneResult(terms.total, terms.raw, terms.weighted, logits)
+
+    def describe(self) -> str:
+        """The active terms as a formula, e.g. ``0.05·L_oh + 5·L_ie + 1e-05·L_BN + 0.01·L_a``."""
+        return self.objective.describe(self.LABELS)
 
     def close(self) -> None:
-        self.bn.close()
+        if self.bn is not None:
+            self.bn.close()
 
     def __enter__(self) -> StageOneLoss:
         return self

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from stage1_helpers import tiny_teacher
+from test_distill import micro_config, root  # noqa: F401  (the fixture: tiny teachers, Stage-I artifacts)
 
-from derd import config
+from derd import config, distill
 from derd.losses import (
     BNStatistics,
     StageOneLoss,
+    WeightedSum,
     activation_loss,
     bn_distance,
     information_entropy_loss,
@@ -203,3 +205,102 @@ def test_bad_inputs_are_refused_clearly():
     no_bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     with pytest.raises(ValueError, match="BatchNorm"):
         StageOneLoss(no_bn, LAMBDAS)
+
+
+# ------------------------------------------------------------------ weighted sums of named terms
+def test_a_zero_weight_term_is_not_computed_nor_logged():
+    called = []
+
+    def term(name, value):
+        return lambda: called.append(name) or torch.tensor(value)
+
+    objective = WeightedSum({"a": 2.0, "b": 0.0, "c": -0.5}, "test")
+    result = objective({"a": term("a", 3.0), "b": term("b", 1.0), "c": term("c", 4.0)})
+    assert called == ["a", "c"] and result.total.item() == 4.0
+    assert set(result.logs("g_", total="loss")) == {"g_loss", "g_a", "g_w_a", "g_c", "g_w_c"}
+    assert objective.describe({"a": "A", "c": "C"}) == "2·A − 0.5·C"
+    with pytest.raises(ValueError, match="stage1.lambda_x: every term weight is 0"):
+        WeightedSum({"a": 0.0}, "stage1.lambda_x")
+
+
+def test_without_lambda_bn_the_teacher_gets_no_hooks_and_needs_no_batchnorm():
+    teacher = tiny_teacher()
+    lambdas = {"oh": 1.0, "ie": 5.0, "bn": 0.0, "a": 0.1}
+    with StageOneLoss(teacher, lambdas) as loss_fn:
+        assert _hook_count(teacher) == 0
+        assert set(loss_fn(_batch()).as_floats()) == {"total", "oh", "ie", "a", "w_oh", "w_ie", "w_a"}
+        assert loss_fn.describe() == "L_oh + 5·L_ie + 0.1·L_a"
+
+    class NoBN(torch.nn.Module):
+        def forward(self, x, return_features=False):
+            features = x.flatten(1)[:, :4]
+            return (features @ torch.ones(4, 3), features) if return_features else features @ torch.ones(4, 3)
+
+    with StageOneLoss(NoBN().eval(), lambdas) as loss_fn:
+        assert torch.isfinite(loss_fn(_batch()).total)
+
+
+# ------------------------------------------------------------------ objectives = the former hand-written formulas
+def _former_forward(model, x, **kw):
+    """``model(x, **kw)`` and the L_BN of that forward, recorded by plain hooks."""
+    distances = []
+    handles = [m.register_forward_hook(lambda m, i, o: distances.append(bn_distance(i[0], m))) for m in _bn_layers(model)]
+    out = model(x, **kw)
+    for h in handles:
+        h.remove()
+    return out, torch.stack(distances).sum()
+
+
+def _former_stage_one(teacher, lambdas, x):
+    """L_G^I as written before the terms were data: every term computed, Σ of the four weighted terms."""
+    (logits, features), bn = _former_forward(teacher, x, return_features=True)
+    raw = {"oh": one_hot_loss(logits), "ie": information_entropy_loss(logits), "bn": bn, "a": activation_loss(features)}
+    return torch.stack([lambdas.get(k, 0.0) * v for k, v in raw.items()]).sum(), logits, bn
+
+
+@pytest.mark.parametrize("lambdas", [LAMBDAS, {"oh": 1.0, "a": 0.1, "ie": 5.0, "bn": 0.0}], ids=["stage1", "dafl"])
+def test_stage_one_objective_equals_the_former_formula_bitwise(lambdas):
+    teacher = tiny_teacher()
+    x = _batch().requires_grad_(True)
+    former = _former_stage_one(teacher, lambdas, x)[0]
+    (g_former,) = torch.autograd.grad(former, x)
+    with StageOneLoss(teacher, lambdas) as loss_fn:
+        result = loss_fn(x)
+    (g_new,) = torch.autograd.grad(result.total, x)
+    assert torch.equal(result.total, former) and torch.equal(g_new, g_former)
+
+
+def _former_derd_generator_loss(method, x):
+    """DERD's generator objective as written before the terms were data (``if s2.lambda_*:`` branches)."""
+    from derd.distill.derd import discrepancy
+
+    s2 = method.ctx.s2
+    stage_one, natural, bn_nat = _former_stage_one(method.natural, method.stage_one.lambdas, x)
+    robust, bn_rob = (natural, 0.0) if method.natural is method.robust else _former_forward(method.robust, x)
+    opponent = robust if method.opponent_role == "robust" else natural
+    loss = stage_one - s2.lambda_d * discrepancy(s2.discrepancy, method.ctx.student(x), opponent)
+    if s2.lambda_g_rob_oh:
+        loss = loss + s2.lambda_g_rob_oh * one_hot_loss(robust)
+    if s2.lambda_g_bn:
+        loss = loss + s2.lambda_g_bn * (bn_nat + bn_rob)
+    return loss
+
+
+@pytest.mark.parametrize("method,stage2", [
+    ("derd", {}), ("derd", {"lambda_g_rob_oh": 0.5, "lambda_g_bn": 0.01, "discrepancy": "kl"}),
+    ("derd", {"generator_opponent": "robust", "lambda_d": 0.003}), ("derd_no_tnat", {"lambda_g_bn": 0.1}),
+])
+def test_derd_generator_objective_equals_the_former_formula_bitwise(method, stage2, root):  # noqa: F811
+    cfg = micro_config(methods=[method], **stage2)
+    cls = distill.get_method(method)
+    ctx = distill.Context(cfg, cls, 0, root, torch.device("cpu"))
+    derd = cls(ctx)
+    ctx.student.eval()  # the student's BN statistics stay put between the two evaluations
+    x = ctx.generate().detach().requires_grad_(True)
+    former = _former_derd_generator_loss(derd, x)
+    (g_former,) = torch.autograd.grad(former, x)
+    result, _ = derd.generator_objective(x)
+    (g_new,) = torch.autograd.grad(result.total, x)
+    assert torch.equal(result.total, former) and torch.equal(g_new, g_former)
+    for hook in derd.hooks():
+        hook.close()

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 log = logging.getLogger("derd")
+from derd.registry import Registry
 
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 @contextmanager
 def eval_mode(model: nn.Module):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from derd.attacks.base import ATTACKS
 from derd.attacks.pgd import PGD
 
 
@@ -20,6 +21,7 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> t
     return torch.clamp(others - true, max=kappa)
 
 
+@ATTACKS.register("cw")
 class CW(PGD):
     """CW-inf: ``steps`` signed steps on the margin loss with confidence κ, zero start."""
 

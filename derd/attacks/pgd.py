@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from derd.attacks.base import Attack, project
+from derd.attacks.base import ATTACKS, Attack, project
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target) -> per-example loss
 
@@ -16,6 +16,7 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+@ATTACKS.register("pgd")
 class PGD(Attack):
     """L-inf PGD ascent on a per-example loss (cross-entropy by default).
 
@@ -83,6 +84,7 @@ def kl_loss(logits: torch.Tensor, clean_probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, 1), clean_probs, reduction="none").sum(1)
 
 
+@ATTACKS.register("kl_pgd")
 class KLPGD(PGD):
     """Label-free PGD maximising KL(σ(f(x)) ‖ σ(f(x_adv))) — TRADES' inner problem and Stage-II's
     adversarial pseudo examples. Default start x + 0.001·N(0, I)."""

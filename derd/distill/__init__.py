@@ -14,29 +14,21 @@ from typing import Any
 from derd.artifacts import write_json
 from derd.config import Config, ConfigError, untraced
 from derd.distill.loop import Context, Method, fit
+from derd.registry import Registry
 from derd.runtime import Paths
 
-_METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method", "stage2.methods")
+registered_methods = METHODS.names
+get_method = METHODS.__getitem__
 
 
 def register_method(name: str, label: str | None = None):
     """Class decorator: make a :class:`Method` available to ``stage2.methods`` as ``name``."""
     def wrap(cls: type[Method]) -> type[Method]:
         cls.name, cls.label = name, label or name
-        _METHODS[name] = cls
-        return cls
+        return METHODS.register(name)(cls)
 
     return wrap
-
-
-def registered_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> type[Method]:
-    if name not in _METHODS:
-        raise KeyError(f"stage2.methods: unknown method {name!r}; registered: {registered_methods()}")
-    return _METHODS[name]
 
 
 STUDENT_KEYS = (  # what a student depends on besides its teachers' and generator's files (hashed separately)
@@ -82,6 +74,7 @@ def run(cfg: Config, root: Path = Path("."), train: Callable[..., dict[str, Any]
 from derd.distill import cmi, dafl, derd, dfad, dfard, rslad_real, zskt  # noqa: F401  (fill the registry)
 
 __all__ = [
+    "METHODS",
     "Context",
     "Method",
     "get_method",

@@ -23,10 +23,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from derd.registry import Registry
+
 Grads = list[torch.Tensor]
 Strategy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator | None], torch.Tensor]
 
 N_EXPERTS = 2
+AGGREGATIONS: Registry[Strategy] = Registry("aggregation strategy", "stage2.aggregation")
 
 
 def flatten(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -52,11 +55,13 @@ def conflict_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a * b) < 0).float().mean())
 
 
+@AGGREGATIONS.register("sum")
 def aggregate_sum(g_nat, g_rob, weights=None, generator=None) -> torch.Tensor:
     """g_nat + g_rob."""
     return g_nat + g_rob
 
 
+@AGGREGATIONS.register("pcgrad")
 def aggregate_pcgrad(g_nat, g_rob, weights=None, generator=None) -> torch.Tensor:
     """PCGrad with two tasks: g_i ← g_i − (g_i·g_j / ‖g_j‖²)·g_j when g_i·g_j < 0 (originals on the right)."""
     a, b = g_nat, g_rob
@@ -78,27 +83,23 @@ def sign_consistency_mask(grads: Sequence[torch.Tensor], generator: torch.Genera
     return (stacked * mask).sum(0)
 
 
+@AGGREGATIONS.register("graddrop")
 def aggregate_graddrop(g_nat, g_rob, weights=None, generator=None) -> torch.Tensor:
     return sign_consistency_mask([g_nat, g_rob], generator)
 
 
+@AGGREGATIONS.register("mtard")
 def aggregate_mtard(g_nat, g_rob, weights, generator=None) -> torch.Tensor:
     """w_nat·g_nat + w_rob·g_rob."""
     return weights[0] * g_nat + weights[1] * g_rob
 
 
+@AGGREGATIONS.register("sga")
 def aggregate_sga(g_nat, g_rob, weights, generator) -> torch.Tensor:
     """The weighted gradients, then the stochastic sign-consistency mask."""
     return sign_consistency_mask([weights[0] * g_nat, weights[1] * g_rob], generator)
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "sum": aggregate_sum,
-    "pcgrad": aggregate_pcgrad,
-    "graddrop": aggregate_graddrop,
-    "mtard": aggregate_mtard,
-    "sga": aggregate_sga,
-}
 WEIGHTED = frozenset({"mtard", "sga"})  # strategies that use (and move) the online weights
 
 
@@ -113,8 +114,7 @@ class GradientAggregator:
     """Holds a strategy's state (online weights, initial losses, the mask's random stream)."""
 
     def __init__(self, strategy: str, rate: float, seed: int = 0):
-        if strategy not in STRATEGIES:
-            raise KeyError(f"stage2.aggregation: unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}")
+        self.aggregate = AGGREGATIONS[strategy]
         self.strategy, self.rate = strategy, rate
         self.weights = torch.ones(N_EXPERTS)
         self.initial_losses: torch.Tensor | None = None
@@ -143,7 +143,7 @@ class GradientAggregator:
         stats = {"cos_nat_rob": cosine(a, b), "conflict_frac": conflict_fraction(a, b),
                  "w_nat": float(self.weights[0]), "w_rob": float(self.weights[1])}
         device = a.device
-        grads = unflatten(STRATEGIES[self.strategy](a, b, self.weights.to(device), self._generator_on(device)), g_nat)
+        grads = unflatten(self.aggregate(a, b, self.weights.to(device), self._generator_on(device)), g_nat)
         if self.strategy in WEIGHTED:
             current = torch.tensor([float(v) for v in losses])
             if self.initial_losses is None:

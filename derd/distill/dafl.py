@@ -1,8 +1,8 @@
 """DAFL (Chen et al. 2019) as a data-free robust-distillation baseline.
 
-Generator: no game with the student; it minimises L_oh + λa·L_a + λie·L_ie against the (robust)
-teacher (one-hot confidence, feature activation, information entropy; no BN prior), trained from
-scratch. Student: the shared robust KD of :mod:`derd.distill.robust_kd`.
+Generator: no game with the student; it minimises λoh·L_oh + λie·L_ie + λa·L_a against the (robust)
+teacher (one-hot confidence, information entropy, feature activation; no BN prior: λBN = 0, so L_BN is
+not computed and the teacher needs no BatchNorm), trained from scratch. Student: the shared robust KD of :mod:`derd.distill.robust_kd`.
 """
 from __future__ import annotations
 
@@ -24,12 +24,10 @@ class DAFL(DataFreeBaseline):
     def generator_step(self, it: int) -> dict[str, Any]:
         result = self.objective(self.ctx.generate())
         self.ctx.update_generator(result.total, it)
-        return {"g_loss": result.total.detach(), **{f"g_{k}": result.raw[k].detach() for k in ("oh", "a", "ie")}}
+        return result.logs("g_", total="loss")
 
     def hooks(self) -> list[Any]:
         return [self.objective]
 
     def reading(self) -> dict[str, Any]:
-        o = self.opts.dafl
-        return {**super().reading(),
-                "generator_objective": f"DAFL: {o.lambda_oh}·L_oh + {o.lambda_a}·L_a + {o.lambda_ie}·L_ie on T_rob"}
+        return {**super().reading(), "generator_objective": f"DAFL: {self.objective.describe()} on T_rob"}

@@ -1,7 +1,9 @@
 """DERD and its two variants (METHOD.md "Stage-II" and "Variants").
 
 Generator step (data level): L_G^II = L_G^I(x; T_nat) − λd·D(S(x), T_nat(x)), D = mean L1 on logits
-(DFAD) or KL; the generator starts from the cached Stage-I artifact. [R] options (0 / first = the paper's
+(DFAD) or KL; the generator starts from the cached Stage-I artifact. L_G^II is a weighted sum of named
+terms (:meth:`DERD.generator_objective`): ``stage1`` (1), ``discrepancy`` (−λd), ``rob_oh`` and ``bn_prior``
+below; a term of weight 0 is not computed; each is logged as ``g_<term>`` (raw) and ``g_w_<term>`` (weighted). [R] options (0 / first = the paper's
 reading): ``generator_opponent: robust`` compares S with T_rob in D; ``generator_init: scratch`` starts G fresh;
 + λg_rob·L_oh(T_rob(x)) (``lambda_g_rob_oh``) asks for samples the robust expert is confident about;
 + λg_bn·(L_BN(T_nat) + L_BN(T_rob)) (``lambda_g_bn``) asks for samples whose per-layer statistics match
@@ -10,7 +12,7 @@ Student step (sample level + expert guidance), on detached x = G(z) (optional cr
   x_adv = label-free KL-PGD against S;
   L_nat = λnat·KL(σ_τ(T_nat(x)) ‖ σ_τ(S(x)))
   L_rob = λrob·KL(σ_τ(T_rob(x_adv or x)) ‖ σ_τ(S(x_adv))) [+ λrob_clean·KL(σ_τ(T_rob(x)) ‖ σ_τ(S(x)))]
-and g_nat = ∇θ L_nat, g_rob = ∇θ L_rob are aggregated by :mod:`derd.sga` (stage2.aggregation).
+and g_nat = ∇θ L_nat, g_rob = ∇θ L_rob are aggregated by :mod:`derd.distill.aggregation` (stage2.aggregation).
 Each input is forwarded once; the two gradients come from ``torch.autograd.grad`` on that graph.
 
 - ``derd_no_tnat``: no natural teacher; the student stands in for it. The generator (warmed up on
@@ -27,7 +29,16 @@ from derd.artifacts import check_finite
 from derd.distill import register_method
 from derd.distill.aggregation import GradientAggregator
 from derd.distill.loop import Context, Method
-from derd.losses import BNStatistics, StageOneLoss, kd_kl, l1_discrepancy, one_hot_loss
+from derd.losses import (
+    BNStatistics,
+    StageOneLoss,
+    StageOneResult,
+    Terms,
+    WeightedSum,
+    kd_kl,
+    l1_discrepancy,
+    one_hot_loss,
+)
 from derd.models import build_generator
 from derd.stage1 import warmup
 
@@ -57,9 +68,14 @@ class DERD(Method):
         self.natural = ctx.teachers[self.natural_role]
         self.robust = ctx.teachers["robust"]
         self.aggregator = GradientAggregator(ctx.s2.aggregation, ctx.s2.lambda_sga, seed=ctx.seed)
-        self.stage_one = StageOneLoss.from_config(self.natural, ctx.cfg.stage1) if self.generator_source else None
-        wants_bn = self.generator_source and ctx.s2.lambda_g_bn and self.natural is not self.robust
-        self.robust_bn = BNStatistics(self.robust) if wants_bn else None
+        self.stage_one = self.objective = self.robust_bn = None
+        if self.generator_source:
+            s2 = ctx.s2
+            self.objective = WeightedSum({"stage1": 1.0, "discrepancy": -s2.lambda_d, "rob_oh": s2.lambda_g_rob_oh,
+                                          "bn_prior": s2.lambda_g_bn}, "stage2.lambda_d/lambda_g_rob_oh/lambda_g_bn")
+            self.stage_one = StageOneLoss.from_config(self.natural, ctx.cfg.stage1, record_bn=bool(s2.lambda_g_bn))
+            if s2.lambda_g_bn and self.natural is not self.robust:
+                self.robust_bn = BNStatistics(self.robust)
 
     def initial_generator(self) -> torch.nn.Module:
         """The cached Stage-I generator, or a fresh one (``generator_init: scratch``, the w/o Stage-I ablation)."""
@@ -69,26 +85,31 @@ class DERD(Method):
         return stage1_generator(self.ctx, self.generator_source.split(":")[1])
 
     # ---------------------------------------------------------------- data level
-    def generator_step(self, it: int) -> dict[str, Any]:
-        ctx, s2 = self.ctx, self.ctx.s2
-        x = ctx.generate()
+    def generator_objective(self, x: torch.Tensor) -> tuple[Terms, StageOneResult]:
+        """L_G^II on ``x`` = G(z) (the generator's objective, to minimise), and the L_G^I inside it."""
         stage_one = self.stage_one(x)
         robust = self.robust_logits_for_generator(x, stage_one.logits)
         opponent = robust if self.opponent_role == "robust" else stage_one.logits
-        d = discrepancy(s2.discrepancy, ctx.student(x), opponent)
-        loss = stage_one.total - s2.lambda_d * d
-        logs = {"g_discrepancy": d.detach(), **{f"g_{k}": v.detach() for k, v in stage_one.raw.items()}}
-        if s2.lambda_g_rob_oh:
-            rob_oh = one_hot_loss(robust)
-            loss = loss + s2.lambda_g_rob_oh * rob_oh
-            logs["g_rob_oh"] = rob_oh.detach()
-        if s2.lambda_g_bn:
-            rob_bn = self.robust_bn.loss() if self.robust_bn is not None else None
-            loss = loss + s2.lambda_g_bn * (stage_one.raw["bn"] + (0.0 if rob_bn is None else rob_bn))
-            if rob_bn is not None:
-                logs["g_rob_bn"] = rob_bn.detach()
-        ctx.update_generator(loss, it)
-        return {"g_loss": loss.detach(), **logs}
+        terms = self.objective({
+            "stage1": lambda: stage_one.total,
+            "discrepancy": lambda: discrepancy(self.ctx.s2.discrepancy, self.ctx.student(x), opponent),
+            "rob_oh": lambda: one_hot_loss(robust),
+            "bn_prior": lambda: self.bn_prior(stage_one),
+        })
+        return terms, stage_one
+
+    def bn_prior(self, stage_one: StageOneResult) -> torch.Tensor:
+        """L_BN(T_nat) [+ L_BN(T_rob) when T_rob is another network], from the generator step's forwards."""
+        natural = stage_one.raw["bn"] if "bn" in stage_one.raw else self.stage_one.bn.loss()
+        return natural + (0.0 if self.robust_bn is None else self.robust_bn.loss())
+
+    def generator_step(self, it: int) -> dict[str, Any]:
+        terms, stage_one = self.generator_objective(self.ctx.generate())
+        self.ctx.update_generator(terms.total, it)
+        logs = {**terms.logs("g_", total="loss"), **stage_one.logs("g_", total=None)}
+        if "bn_prior" in terms.raw and self.robust_bn is not None:
+            logs["g_rob_bn"] = self.robust_bn.loss().detach()
+        return logs
 
     def robust_logits_for_generator(self, x: torch.Tensor, stage_one_logits: torch.Tensor) -> torch.Tensor | None:
         """T_rob(x) for the generator objective: the Stage-I forward's logits when T_rob is the Stage-I
@@ -98,7 +119,7 @@ class DERD(Method):
         if self.robust_bn is not None:
             with self.robust_bn.recording():
                 return self.robust(x)
-        return self.robust(x) if (self.opponent_role == "robust" or self.ctx.s2.lambda_g_rob_oh) else None
+        return self.robust(x) if (self.opponent_role == "robust" or self.objective.active("rob_oh")) else None
 
     # ---------------------------------------------------------------- sample level + expert guidance
     def student_batch(self) -> torch.Tensor:
@@ -141,11 +162,11 @@ class DERD(Method):
         }
         if self.generator_source:
             role, opp = self.natural_role[:3], self.opponent_role[:3]
-            extra = f" + {s2.lambda_g_rob_oh}·L_oh(T_rob(x))" if s2.lambda_g_rob_oh else ""
             bn_terms = f"L_BN(T_{role})" + (" + L_BN(T_rob)" if self.robust_bn is not None else "")
-            extra += f" + {s2.lambda_g_bn}·({bn_terms})" if s2.lambda_g_bn else ""
+            labels = {"stage1": f"L_G^I(x; T_{role})", "discrepancy": f"D(S(x), T_{opp}(x))",
+                      "rob_oh": "L_oh(T_rob(x))", "bn_prior": f"({bn_terms})"}
             out["generator"] = "scratch (w/o Stage-I)" if s2.generator_init == "scratch" else self.generator_source
-            out.update({"generator_objective": f"L_G^I(x; T_{role}) − λd·D(S(x), T_{opp}(x)){extra}",
+            out.update({"generator_objective": self.objective.describe(labels),
                         "discrepancy": s2.discrepancy, "lambda_d": s2.lambda_d, "lambda_g_rob_oh": s2.lambda_g_rob_oh,
                         "lambda_g_bn": s2.lambda_g_bn})
         return out

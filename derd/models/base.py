@@ -9,7 +9,7 @@ from torch import nn
 from derd.registry import Registry
 
 # builder(in_channels, num_classes, image_size, width) -> network with .features(x) and .fc
-ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
+ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture", "teachers.<role>.arch / stage2.student.arch")
 register_arch = ARCHS.register
 registered_archs = ARCHS.names
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from derd.registry import Registry
 
-GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
+GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator", "stage1.generator.arch")
 register_generator = GENERATORS.register
 registered_generators = GENERATORS.names
 

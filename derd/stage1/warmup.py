@@ -75,8 +75,8 @@ def _terms_of(row: dict) -> dict[str, float]:
 
 
 def _log_terms(name: str, step: int, terms: dict[str, float]) -> None:
-    raw = " ".join(f"{k}={terms[k]:.4g}" for k in StageOneLoss.TERMS)
-    weighted = " ".join(f"{k}={terms['w_' + k]:.3g}" for k in StageOneLoss.TERMS)
+    raw = " ".join(f"{k}={terms[k]:.4g}" for k in StageOneLoss.TERMS if k in terms)
+    weighted = " ".join(f"{k}={terms['w_' + k]:.3g}" for k in StageOneLoss.TERMS if k in terms)
     log.info("%s step %d: L_G^I=%.4f | raw %s | weighted %s", name, step, terms["total"], raw, weighted)
 
 

@@ -292,6 +292,22 @@ class Tracking(Section):
     enabled: bool = True
 
 
+class Runtime(Section):
+    """How the training stages (teachers, warmup generators, distill) use the hardware (docs/SCALING.md)."""
+
+    nproc: int = Field(1, ge=1)  # processes per training stage: > 1 runs it under torchrun (one per GPU; gloo on CPU)
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast of forward passes (fp16: with a GradScaler)
+    channels_last: bool = False  # NHWC memory format for the networks (faster convolutions on tensor cores)
+    cudnn_benchmark: bool = False  # let cuDNN time and pick its convolution algorithms (fixed input shapes)
+    compile: bool = False  # torch.compile the Stage-II student
+    sync_bn: bool = False  # SyncBatchNorm for the Stage-II student when nproc > 1 (CUDA only)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
 class Config(Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -301,6 +317,7 @@ class Config(Section):
     stage2: Stage2 = Stage2()
     eval: Eval = Eval()
     tracking: Tracking = Tracking()
+    runtime: Runtime = Runtime()
 
     @field_validator("device")
     @classmethod

@@ -344,37 +344,45 @@ DATASETS.register("imagenet100")(Source(_imagenet100, _imagenet_info))
 
 
 # ---------------------------------------------------------------- augmentation and batching
-def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None = None,
+                  part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Random crop after zero padding, and optional horizontal flip, per image of a batch.
 
     Vectorised, on ``x``'s device: the offsets (and flip coins) are drawn from ``generator`` on its own
     device (CPU by default: the draws of a seeded CPU generator are the same whatever ``x``'s device),
-    then every crop is gathered at once by advanced indexing."""
+    then every crop is gathered at once by advanced indexing. ``part=(i, k)``: ``x`` holds rows ``i::k``
+    of a batch k times larger (one rank's share); the draws are the whole batch's, rows ``i::k`` used."""
     n, c, h, w = x.shape
     draw_on = generator.device if generator is not None else torch.device("cpu")
+    i, k = part
+
+    def draw(make) -> torch.Tensor:
+        return make((n * k,))[i::k].to(x.device)
+
     if padding > 0:
         padded = F.pad(x, (padding,) * 4)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=draw_on).to(x.device)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=draw_on).to(x.device)
+        dx = draw(lambda shape: torch.randint(0, 2 * padding + 1, shape, generator=generator, device=draw_on))
+        dy = draw(lambda shape: torch.randint(0, 2 * padding + 1, shape, generator=generator, device=draw_on))
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         channel = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[batch, channel, rows, cols]
     if hflip:
-        flip = torch.rand(n, generator=generator, device=draw_on) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+        flip = draw(lambda shape: torch.rand(shape, generator=generator, device=draw_on)) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     return x
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-           pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+           pin_memory: bool | None = None, sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
     """Seeded batches of ``dataset``: ``num_workers`` worker processes (``data.num_workers``; kept alive
     between epochs when > 0), page-locked batches for fast host-to-GPU copies when CUDA is available
-    (``pin_memory=None``) or asked."""
+    (``pin_memory=None``) or asked; ``sampler`` (a rank's shard) replaces the seeded shuffling."""
     g = torch.Generator().manual_seed(seed)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=False,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, generator=g, drop_last=False,
                                        num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from derd.config import Config
+
 log = logging.getLogger("derd")
 STOP = threading.Event()  # set by the CLI's SIGTERM/SIGINT handler; long loops check it between steps
 
@@ -29,8 +31,13 @@ def check_stop() -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``device:`` names; under torchrun each rank's own GPU (cuda:LOCAL_RANK)."""
+    from derd import distributed
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if name.startswith("cuda") and distributed.world() > 1:
+        return distributed.local_device(torch.device("cuda"))
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(name.partition(":")[2] or 0)
@@ -38,6 +45,77 @@ def resolve_device(name: str) -> torch.device:
             raise RuntimeError(f"device: {name!r} requested but this machine has {count} CUDA device(s) "
                                "(use 'auto', 'cpu' or an existing cuda:N)")
     return torch.device(name)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(cfg: Config, device: torch.device):
+    """``runtime.amp``'s autocast context for forward passes (a disabled one when off)."""
+    amp = cfg.runtime.amp
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp != "off")
+
+
+def grad_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler for ``runtime.amp: fp16`` (a pass-through one otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.runtime.amp == "fp16")
+
+
+class LossScale:
+    """Dynamic fp16 loss scaling for gradients taken with ``torch.autograd.grad`` (Stage-II), by GradScaler's
+    rule: gradients of ``scale·loss`` are divided by ``scale``; a non-finite one halves the scale and the step
+    is skipped; 2000 finite steps in a row double it. A pass-through unless ``runtime.amp`` is fp16."""
+
+    def __init__(self, cfg: Config, scale: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled, self.scale, self.growth_interval, self.good = cfg.runtime.amp == "fp16", scale, growth_interval, 0
+        self.overflow = False  # the current step's gradients overflowed: skip it
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The true gradients; zeros (and ``overflow`` set) when a scaled one was not finite."""
+        if not self.enabled:
+            return grads
+        grads = [g / self.scale for g in grads]
+        if not all(torch.isfinite(g).all() for g in grads):
+            self.overflow = True
+            return [torch.zeros_like(g) for g in grads]
+        return grads
+
+    def step_taken(self) -> bool:
+        """Close the step: False (and the scale halved) when it overflowed, else True (the scale may grow)."""
+        if not self.overflow:
+            self.good += 1
+            if self.enabled and self.good == self.growth_interval:
+                self.scale, self.good = self.scale * 2, 0
+            return True
+        self.scale, self.good, self.overflow = self.scale / 2, 0, False
+        log.warning("fp16 loss scale: non-finite gradients, step skipped, scale now %g", self.scale)
+        return False
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good = float(state["scale"]), int(state["good"])
+
+
+def prepare_model(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """Apply ``runtime.channels_last`` and ``runtime.cudnn_benchmark`` to a network about to train or be read."""
+    torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark
+    return model.to(memory_format=torch.channels_last) if cfg.runtime.channels_last else model
+
+
+TRAINING_KEYS = ("nproc", "amp", "channels_last", "cudnn_benchmark")  # read by every training stage
+STUDENT_KEYS = (*TRAINING_KEYS, "compile", "sync_bn")  # and by Stage-II
+
+
+def runtime_record(cfg: Config, keys: tuple[str, ...] = TRAINING_KEYS) -> dict:
+    """What a sidecar records about how its artifact was computed: those runtime keys and the process count."""
+    from derd import distributed
+
+    return {**{k: getattr(cfg.runtime, k) for k in keys}, "world_size": distributed.world()}
 
 
 def git_commit(root: Path) -> str | None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from derd import data as datasets
+from derd import distributed
 from derd.artifacts import (
     CheckpointError,
     check_finite,
@@ -29,10 +30,14 @@ from derd.models import Classifier, build_model
 from derd.resume import ResumeState, make_key
 from derd.runtime import (
     Paths,
+    autocast,
     check_stop,
+    grad_scaler,
     log,
+    prepare_model,
     progress,
     resolve_device,
+    runtime_record,
     seed_everything,
 )
 
@@ -74,11 +79,16 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch
 def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config, device: torch.device,
                   desc: str, resume: ResumeState | None = None) -> list[dict]:
     """Train in place; returns per-epoch records. ``spec`` is robust when it carries an attack. With
-    ``resume``, the state after every epoch is saved there and an interrupted run continues from it."""
+    ``resume``, the state after every epoch is saved there and an interrupted run continues from it.
+    Under torchrun each rank trains on its shard with ``batch_size / nproc`` examples per step and the
+    gradients are averaged (derd.distributed); ``runtime.amp`` autocasts the forward passes."""
     opt_cfg = spec.train
     opt = torch.optim.SGD(model.parameters(), lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
-    loader = datasets.loader(train_set, opt_cfg.batch_size, shuffle=True, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    sampler = distributed.sampler(train_set, shuffle=True, seed=cfg.seed)
+    loader = datasets.loader(train_set, distributed.share(opt_cfg.batch_size, f"teachers.{_role(spec)}.train.batch_size"), shuffle=True,
+                             seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                             sampler=sampler)
+    scaler = grad_scaler(cfg, device)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, opt_cfg.lr, total_steps=opt_cfg.epochs * len(loader))
     aug = cfg.data.augment
     history: list[dict] = []
@@ -93,21 +103,26 @@ def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config
         log.info("%s: resuming after epoch %d (%s)", desc, start, resume.path)
     for i in progress(opt_cfg.epochs - start, desc):
         epoch = start + i
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         total, seen = torch.zeros(()), 0
         for x, y in loader:
             check_stop()
-            x = datasets.augment_batch(x, aug.crop_padding, aug.hflip).to(device)
-            y = y.to(device)
-            loss = _teacher_loss(model, x, y, spec)
+            x = datasets.augment_batch(x, aug.crop_padding, aug.hflip).to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with autocast(cfg, device):
+                loss = _teacher_loss(model, x, y, spec)
             check_finite(loss, f"{desc} loss", epoch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            distributed.average_grads(model.parameters())
+            scaler.step(opt)
+            scaler.update()
             sched.step()
-            total, seen = total + loss.detach().cpu() * len(x), seen + len(x)
-        history.append({"epoch": epoch, "loss": total.item() / seen})
-        if resume is not None and epoch + 1 < opt_cfg.epochs:
+            total, seen = total + loss.detach().float().cpu() * len(x), seen + len(x)
+        history.append({"epoch": epoch, **distributed.average_floats({"loss": total.item() / seen})})
+        if resume is not None and epoch + 1 < opt_cfg.epochs and distributed.is_main():
             resume.save(epoch=epoch + 1, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                         loader_rng=loader.generator.get_state(), torch_rng=torch.get_rng_state(), history=history)
     model.eval()
@@ -123,6 +138,10 @@ def _teacher_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Natu
         return trades_loss(model, x, y, x_adv, spec.trades_beta)
     x_adv = PGD(model, a.eps, steps=a.steps, step_size=a.step_size)(x, y)
     return F.cross_entropy(model(x_adv), y)
+
+
+def _role(spec: NaturalTeacher) -> str:
+    return "robust" if isinstance(spec, RobustTeacher) else "natural"
 
 
 def _spec(cfg: Config, role: str) -> NaturalTeacher:
@@ -163,9 +182,12 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
     else:
         key = make_key(cfg.section_hash("seed", "data", f"teachers.{role}", exclude=("data.root", "data.download")))
         resume = ResumeState(Paths(root).checkpoints / f"teacher_{role}.pt", key)
-        history = train_teacher(model, splits.train, spec, cfg, device, f"teacher[{role}]", resume)
+        history = train_teacher(prepare_model(model, cfg), splits.train, spec, cfg, device, f"teacher[{role}]", resume)
+        distributed.average_buffers(model)  # BatchNorm running statistics of every rank's shard
         source = "trained:" + ("cross_entropy" if role == "natural" else spec.method)
     seconds = time.monotonic() - start
+    if not distributed.is_main():  # rank 0 checks and writes the artifact
+        return {}
     x, y = datasets.first_n(splits.val, min(len(splits.val), CHECK_EXAMPLES))
     eps = cfg.teachers.robust.attack.eps
     metrics = {
@@ -181,6 +203,7 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
         "role": role, "arch": spec.arch, "width": spec.width, "dataset": splits.info.name,
         "num_classes": splits.info.num_classes, "shape": list(splits.info.shape), "source": source,
         "params_hash": cfg.section_hash("data", "teachers"), "metrics": metrics, "history": history,
+        "runtime": runtime_record(cfg),
     }
     save_artifact(Paths(root).teacher(role), model.state_dict(), sidecar)
     if not spec.checkpoint:
@@ -194,5 +217,6 @@ def run(cfg: Config, root: Path = Path("."), prepare: Callable[..., dict] = prep
     :func:`prepare_teacher`), then ``metrics/teachers.json``."""
     splits = datasets.load(cfg.data)
     results = {role: prepare(cfg, role, splits, root) for role in ROLES}
-    write_json(Paths(root).metrics / "teachers.json", results)
+    if distributed.is_main():
+        write_json(Paths(root).metrics / "teachers.json", results)
     return results

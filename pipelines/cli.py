@@ -243,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
 
             inputs.run(cfg, Path(args.root))
             return 0
+        if args.command in ("teachers", "warmup", "distill"):  # runtime.nproc > 1: one process per GPU (torchrun)
+            from derd import distributed
+
+            if distributed.should_launch(cfg, args.command, getattr(args, "only", None)):
+                atexit.unregister(_write_trace)  # rank 0 of the launched command records the stage's reads
+                return distributed.launch(cfg.runtime.nproc, sys.argv[1:] if argv is None else argv)
+            if distributed.start(cfg) and not distributed.is_main():  # rank 0 alone runs the flow and logs
+                atexit.unregister(_write_trace)
+                distributed.follow(args.command, cfg, Path(args.root), getattr(args, "only", None))
+                return 0
         from pipelines import tracking
 
         tracking.check_store(cfg, args.root)  # an unwritable MLflow store fails now, not after training

@@ -1,6 +1,7 @@
 """What every attack shares: device handling, [0,1] + eps-ball projection, eval mode and its restore."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import contextmanager
 
@@ -30,6 +31,13 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
+def input_gradient_precision(device: torch.device):
+    """Where an attack's input gradient is sound: under fp16 autocast it would underflow (a zero gradient
+    stalls a signed step), so attacks run in fp32 there; bf16 (fp32's exponent range) and fp32 are kept."""
+    fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    return torch.autocast(device.type, enabled=False) if fp16 else contextlib.nullcontext()
+
+
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -48,7 +56,7 @@ class Attack:
         device = model_device(self.model)
         x = x.detach().to(device)
         y = y.to(device) if y is not None else None
-        with eval_mode(self.model):
+        with eval_mode(self.model), input_gradient_precision(device):
             x_adv = self.perturb(x, y)
         return project(x_adv, x, self.eps).detach()
 

@@ -145,7 +145,7 @@ class DERD(Method):
         check_finite(l_rob, "L_rob", it)
         g_nat = ctx.student_grads(l_nat, retain_graph=bool(s2.lambda_rob_clean))
         g_rob = ctx.student_grads(l_rob)
-        grads, stats = self.aggregator(g_nat, g_rob, (l_nat.item(), l_rob.item()))
+        grads, stats = self.aggregator(g_nat, g_rob, ctx.global_losses(l_nat, l_rob))  # same on every rank
         ctx.apply_student_grads(grads)
         return {"L_nat": l_nat.detach(), "L_rob": l_rob.detach(), **stats}
 

@@ -5,6 +5,8 @@ two steps (and the reconstructed choices it ran); the loop owns everything else:
 its SGD/cosine optimiser, the generator and its Adam optimiser, the teachers (frozen, eval mode),
 the random stream, label-free PGD, NaN/inf checks, per-step curves, resume checkpoints, test/val
 monitoring (curves only) and the final artifact. The saved student is the last one.
+Under torchrun (``runtime.nproc``) each rank takes its rows of every global batch and averages each
+gradient over the ranks before it is used (derd.distributed); ``runtime.amp`` autocasts both steps.
 """
 from __future__ import annotations
 
@@ -17,12 +19,24 @@ import torch
 from torch import nn
 
 from derd import data as datasets
+from derd import distributed
 from derd.artifacts import check_finite, file_hash, save_artifact
 from derd.attacks import KLPGD, PGD
-from derd.config import Config
+from derd.config import Config, ConfigError
 from derd.curves import read_rows, write_rows
 from derd.resume import ResumeState, make_key
-from derd.runtime import Paths, log, progress, resolve_device, seed_everything
+from derd.runtime import (
+    STUDENT_KEYS,
+    Paths,
+    LossScale,
+    autocast,
+    log,
+    prepare_model,
+    progress,
+    resolve_device,
+    runtime_record,
+    seed_everything,
+)
 from derd.teachers import accuracy, build_for, load_teacher
 
 
@@ -33,13 +47,14 @@ class Context:
         self.cfg, self.s2, self.seed, self.root, self.device = cfg, cfg.stage2, seed, Path(root), device
         self.info = datasets.info(cfg.data)
         seed_everything(seed)
-        self.rng = torch.Generator().manual_seed(seed)  # z, augmentation and pool indices (CPU stream)
-        self.teachers = {role: load_teacher(cfg, role, root, device) for role in method.teachers}
-        s = self.s2.student
-        self.student = build_for(s.arch, s.width, self.info).to(device)
+        self.rng = torch.Generator().manual_seed(seed)  # z, augmentation and pool indices (CPU stream, same on every rank)
+        self.teachers = {role: prepare_model(load_teacher(cfg, role, root, device), cfg) for role in method.teachers}
+        self.net = prepare_model(_student(cfg, self.info).to(device), cfg)  # the module whose weights are saved
+        self.student = torch.compile(self.net) if cfg.runtime.compile else self.net  # what the steps call
         self.opt_s = torch.optim.SGD(self.student.parameters(), lr=self.s2.lr_student, momentum=self.s2.momentum,
                                      weight_decay=self.s2.weight_decay)
         self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, self.s2.iterations * self.s2.k_student)
+        self.scale_s, self.scale_g = LossScale(cfg), LossScale(cfg)  # fp16 loss scaling (student, generator)
         self.generator: nn.Module | None = None
         self.generator_params: list[nn.Parameter] = []
         self.generator_extra: list[nn.Parameter] = []  # trainable parts of the objective beside G (CMI's head)
@@ -55,7 +70,10 @@ class Context:
         self.opt_g = torch.optim.Adam(self.generator_params, lr=self.s2.lr_generator)
 
     def sample_z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.cfg.stage1.generator.nz, generator=self.rng).to(self.device)
+        """This rank's rows of n latents (n: the global batch, drawn whole on every rank)."""
+        distributed.share(n, "stage2.batch_size")
+        z = torch.randn(n, self.cfg.stage1.generator.nz, generator=self.rng)
+        return distributed.mine(z).to(self.device)
 
     def generate(self, n: int | None = None) -> torch.Tensor:
         """G(z) with the graph to G (for generator steps)."""
@@ -70,15 +88,19 @@ class Context:
         if not self.s2.augment:
             return x
         aug = self.cfg.data.augment  # the dataset's own crop/flip policy (CIFAR: pad 4 + flip)
-        return datasets.augment_batch(x, aug.crop_padding, aug.hflip, self.rng)  # draws on CPU, applies on x's device
+        part = (distributed.rank(), distributed.world())  # this rank's rows of the global batch's draws
+        return datasets.augment_batch(x, aug.crop_padding, aug.hflip, self.rng, part)  # draws on CPU, applied on x's device
 
     def update_generator(self, loss: torch.Tensor, step: int) -> None:
         """One Adam step on the generator's parameters only (the student and teachers get no grads)."""
         check_finite(loss, "generator loss", step)
-        grads = torch.autograd.grad(loss, self.generator_params, allow_unused=True)
-        for p, g in zip(self.generator_params, grads):
+        params = self.generator_params
+        grads = torch.autograd.grad(self.scale_g(loss), params, allow_unused=True)
+        grads = distributed.average([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+        for p, g in zip(params, self.scale_g.unscale(grads)):
             p.grad = g
-        self.opt_g.step()
+        if self.scale_g.step_taken():
+            self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------- student
@@ -88,15 +110,23 @@ class Context:
         return KLPGD(self.student, a.eps, steps=a.steps, step_size=a.step_size)(x)
 
     def student_grads(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        """∇θ loss averaged over the ranks (fp16: through the loss scale; zeros when it overflowed, and the
+        step that applies them is skipped)."""
         params = list(self.student.parameters())
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        grads = torch.autograd.grad(self.scale_s(loss), params, retain_graph=retain_graph, allow_unused=True)
+        grads = distributed.average([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+        return self.scale_s.unscale(grads)
+
+    def global_losses(self, *losses: torch.Tensor) -> list[float]:
+        """Loss values averaged over the ranks (what the global batch's loss is)."""
+        return list(distributed.average_floats({str(i): float(v.detach()) for i, v in enumerate(losses)}).values())
 
     def apply_student_grads(self, grads: Sequence[torch.Tensor]) -> None:
-        """One SGD step with the given gradients, then the cosine schedule."""
+        """One SGD step with the given (rank-averaged) gradients, then the cosine schedule."""
         for p, g in zip(self.student.parameters(), grads):
             p.grad = g
-        self.opt_s.step()
+        if self.scale_s.step_taken():
+            self.opt_s.step()
         self.opt_s.zero_grad(set_to_none=True)
         self.sched_s.step()
 
@@ -185,11 +215,24 @@ def monitor(ctx: Context) -> dict[str, float]:
     return {"monitor_clean": accuracy(ctx.student, x, y), "monitor_pgd": accuracy(ctx.student, x_adv, y)}
 
 
+def _student(cfg: Config, info: datasets.DatasetInfo) -> nn.Module:
+    """The Stage-II student (SyncBatchNorm under torchrun with ``runtime.sync_bn``)."""
+    s = cfg.stage2.student
+    net = build_for(s.arch, s.width, info)
+    if cfg.runtime.sync_bn and distributed.world() > 1:
+        if resolve_device(cfg.device).type != "cuda":
+            raise ConfigError("runtime.sync_bn: SyncBatchNorm needs CUDA devices (torch has no CPU kernel); "
+                              "set it to false on the CPU")
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net
+
+
 def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float) -> dict:
     state = {
         "iteration": it, "seconds": seconds,
-        "student": ctx.student.state_dict(), "opt_s": ctx.opt_s.state_dict(), "sched_s": ctx.sched_s.state_dict(),
+        "student": ctx.net.state_dict(), "opt_s": ctx.opt_s.state_dict(), "sched_s": ctx.sched_s.state_dict(),
         "rng": ctx.rng.get_state(), "torch_rng": torch.get_rng_state(), "method": method.state_dict(),
+        "loss_scales": [ctx.scale_s.state_dict(), ctx.scale_g.state_dict()],
     }
     if ctx.generator is not None:
         state["generator"] = ctx.generator.state_dict()
@@ -199,12 +242,14 @@ def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float) -> 
 
 
 def _restore(ctx: Context, method: Method, state: dict) -> None:
-    ctx.student.load_state_dict(state["student"])
+    ctx.net.load_state_dict(state["student"])
     ctx.opt_s.load_state_dict(state["opt_s"])
     ctx.sched_s.load_state_dict(state["sched_s"])
     ctx.rng.set_state(state["rng"])
     torch.set_rng_state(state["torch_rng"])
     method.load_state_dict(state["method"])
+    for scale, saved in zip((ctx.scale_s, ctx.scale_g), state.get("loss_scales", ())):
+        scale.load_state_dict(saved)
     if ctx.generator is not None:
         ctx.generator.load_state_dict(state["generator"])
         with torch.no_grad():
@@ -216,29 +261,31 @@ def _restore(ctx: Context, method: Method, state: dict) -> None:
 def _train(ctx: Context, method: Method, start: int, seconds_before: float, rows: list[dict[str, float]],
            resume: ResumeState, curves: Path, tag: str) -> tuple[list[dict[str, float]], float]:
     """Iterations ``start`` … end: generator step, k_student student steps, curves, checkpoints."""
-    s2 = ctx.s2
+    s2, main = ctx.s2, distributed.is_main()
     t0 = time.monotonic()
     window: list[dict[str, float]] = []
     for i in progress(s2.iterations - start, f"distill[{tag}]"):
         it = start + i
-        logs = _floats(method.generator_step(it), "generator", it)
-        student_logs = [_floats(method.student_step(it), "student", it) for _ in range(s2.k_student)]
+        with autocast(ctx.cfg, ctx.device):
+            logs = _floats(method.generator_step(it), "generator", it)
+            student_logs = [_floats(method.student_step(it), "student", it) for _ in range(s2.k_student)]
         logs.update(_mean(student_logs))
-        window.append(logs)
+        window.append(distributed.average_floats(logs))  # the global batch's values (one all-reduce)
         done = it + 1
         if done % s2.log_every == 0 or done == s2.iterations:
             row = {"iteration": float(done), "student_steps": float(done * s2.k_student),
                    "lr_student": ctx.sched_s.get_last_lr()[0], **_mean(window),
                    "seconds": seconds_before + time.monotonic() - t0}
-            if s2.monitor_every and (done % s2.monitor_every == 0 or done == s2.iterations):
+            if main and s2.monitor_every and (done % s2.monitor_every == 0 or done == s2.iterations):
                 row.update(monitor(ctx))
             rows.append(row)
             window = []
-        if done % s2.checkpoint_every == 0 and done < s2.iterations:
+        if done % s2.checkpoint_every == 0 and done < s2.iterations and main:
             resume.save(**_checkpoint_state(ctx, method, done, seconds_before + time.monotonic() - t0))
             write_rows(curves, rows)
     runtime = seconds_before + time.monotonic() - t0
-    write_rows(curves, rows)
+    if main:
+        write_rows(curves, rows)
     return rows, runtime
 
 
@@ -259,7 +306,7 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
     s2 = cfg.stage2
     device = resolve_device(cfg.device)
     ctx = Context(cfg, method_cls, seed, root, device)
-    if s2.monitor_every:
+    if s2.monitor_every and distributed.is_main():
         splits = datasets.load(cfg.data)
         ctx.monitor_data = datasets.first_n(getattr(splits, s2.monitor_split), s2.monitor_examples)
     method = method_cls(ctx)
@@ -276,6 +323,7 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
         rows, runtime = _train(ctx, method, start, seconds_before, rows, resume, curves, tag)
     finally:
         method.close()
+    distributed.average_buffers(ctx.net)  # BatchNorm running statistics of every rank's batches
     ctx.student.eval()
     final = {k: round(v, 6) for k, v in rows[-1].items()} if rows else {}
     sidecar = {
@@ -285,10 +333,12 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
         "teachers_used": list(method_cls.teachers), "reading": method.reading(),
         "iterations": s2.iterations, "student_steps": s2.iterations * s2.k_student,
         "runtime_seconds": round(runtime, 2), "final": final, "curves": str(curves.relative_to(paths.root)),
-        "selection": "last iterate (no test-set selection)",
+        "selection": "last iterate (no test-set selection)", "runtime": runtime_record(cfg, STUDENT_KEYS),
     }
     path = paths.student(method_cls.name, seed)
-    save_artifact(path, ctx.student.state_dict(), sidecar)
+    if not distributed.is_main():
+        return sidecar
+    save_artifact(path, ctx.net.state_dict(), sidecar)  # SyncBatchNorm keeps BatchNorm's keys
     resume.clear()
     log.info("distill[%s]: done in %.0fs -> %s", tag, runtime, path)
     return sidecar

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from derd import data as datasets
+from derd import distributed
 from derd.artifacts import (
     CheckpointError,
     check_finite,
@@ -38,7 +39,17 @@ from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.report import plots
 from derd.resume import ResumeState, make_key
-from derd.runtime import Paths, log, progress, resolve_device, seed_everything
+from derd.runtime import (
+    Paths,
+    autocast,
+    grad_scaler,
+    log,
+    prepare_model,
+    progress,
+    resolve_device,
+    runtime_record,
+    seed_everything,
+)
 from derd.stage1.health import generator_health, teacher_predictions
 from derd.stage1.inversion import optimise_batch
 from derd.teachers import load_teacher
@@ -101,14 +112,18 @@ def pool_terms(loss_fn: StageOneLoss, images: torch.Tensor, batch_size: int) -> 
 
 
 def train_generator(cfg: Config, root: Path, role: str, device: torch.device, rows: list[dict]) -> dict:
-    """Warm a generator up on the ``role`` teacher with L_G^I; save it with its sidecar."""
+    """Warm a generator up on the ``role`` teacher with L_G^I; save it with its sidecar. Under torchrun each
+    rank takes its rows of every global latent batch, L_BN and L_ie use that rank's batch statistics, and the
+    gradients are averaged (derd.distributed); only rank 0 goes on past training (it returns {} elsewhere)."""
     s1, paths, info = cfg.stage1, Paths(root), datasets.info(cfg.data)
     name = f"generator_{role}"
-    teacher = load_teacher(cfg, role, root, device)
+    teacher = prepare_model(load_teacher(cfg, role, root, device), cfg)
     teacher_hash = file_hash(paths.teacher(role))
     seed_everything(cfg.seed)
     generator = build_generator(s1.generator.arch, s1.generator.nz, info.shape, s1.generator.width).to(device)
     opt = torch.optim.Adam(generator.parameters(), lr=s1.lr)
+    scaler = grad_scaler(cfg, device)
+    distributed.share(s1.batch_size, "stage1.batch_size")
     z_rng = torch.Generator(device).manual_seed(cfg.seed)
     resume = ResumeState(paths.checkpoints / f"stage1_{name}.pt", make_key(params_hash(cfg, name), [teacher_hash]))
     own_rows: list[dict] = []
@@ -127,19 +142,25 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
             lr = lr_at(step, s1.lr, s1.iterations, s1.schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
-            z = torch.randn(s1.batch_size, s1.generator.nz, generator=z_rng, device=device)
-            result = loss_fn(generator(z))
+            z = distributed.mine(torch.randn(s1.batch_size, s1.generator.nz, generator=z_rng, device=device))
+            with autocast(cfg, device):
+                result = loss_fn(generator(z))
             check_finite(result.total, f"{name} L_G^I", step)
             opt.zero_grad(set_to_none=True)
-            result.total.backward()
-            opt.step()
-            terms = result.as_floats()
+            scaler.scale(result.total).backward()
+            distributed.average_grads(generator.parameters())
+            scaler.step(opt)
+            scaler.update()
+            terms = distributed.average_floats(result.as_floats())
             own_rows.append(_row(name, role, step, lr, terms))
-            if step % s1.log_every == 0 or step == s1.iterations - 1:
+            if (step % s1.log_every == 0 or step == s1.iterations - 1) and distributed.is_main():
                 _log_terms(name, step, terms)
-            if (step + 1) % s1.checkpoint_every == 0 and step + 1 < s1.iterations:  # the end saves the artifact
+            if (step + 1) % s1.checkpoint_every == 0 and step + 1 < s1.iterations and distributed.is_main():
                 resume.save(step=step + 1, generator=generator.state_dict(), optimizer=opt.state_dict(),
                             z_rng=z_rng.get_state(), rows=own_rows)
+        distributed.average_buffers(generator)  # BatchNorm running statistics of every rank's batches
+        if not distributed.is_main():
+            return {}
         generator.eval()
         images = sample(generator, s1.health_samples, cfg.seed + HEALTH_SEED_OFFSET, s1.batch_size)
         final = pool_terms(loss_fn, images, s1.batch_size)
@@ -155,7 +176,7 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
         "kind": "generator", "arch": s1.generator.arch, "nz": s1.generator.nz, "width": s1.generator.width,
         "shape": list(info.shape),
         "dataset": info.name, "num_classes": info.num_classes, "params_hash": params_hash(cfg, name),
-        "lambdas": loss_fn.lambdas, "ie_log_base": s1.ie_log_base, **summary,
+        "lambdas": loss_fn.lambdas, "ie_log_base": s1.ie_log_base, "runtime": runtime_record(cfg), **summary,
     }
     save_artifact(paths.generator(role), generator.state_dict(), sidecar)
     resume.clear()

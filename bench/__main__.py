@@ -18,11 +18,13 @@ from bench import bench_opts, bench_pipeline, peers, stage2
 from bench.timing import machine, matmul_peak, reference_workload
 
 HERE = Path(__file__).resolve().parent
-PIPELINE_JSON = HERE / "pipeline.json"  # written by `python -m bench.bench_pipeline` (its own, long run)
+# written by `python -m bench.bench_pipeline` (their own, long runs): the default profile, and the tests' micro
+# profile (`--params ... --out bench/pipeline_micro.json`), where the fixed costs stand alone
+PIPELINE_JSON = (HERE / "pipeline.json", HERE / "pipeline_micro.json")
 
 
-def pipeline_results() -> dict[str, Any] | None:
-    return json.loads(PIPELINE_JSON.read_text(encoding="utf-8")) if PIPELINE_JSON.exists() else None
+def pipeline_results() -> list[dict[str, Any]]:
+    return [json.loads(path.read_text(encoding="utf-8")) for path in PIPELINE_JSON if path.exists()]
 
 
 def help_time(repeats: int) -> dict[str, Any]:
@@ -286,7 +288,8 @@ def render(R: dict[str, Any]) -> str:
           f"{', '.join(f'{t:.2f}' for t in R['help']['all_s'])} s.", "",
           f"Total benchmark wall time: {R['total_bench_s']:.0f} s.", ""]
     if R.get("pipeline"):
-        L += bench_pipeline.render(R["pipeline"])
+        for P in R["pipeline"]:
+            L += bench_pipeline.render(P)
     else:
         L += ["## Pipeline overhead: not measured", "", "Run `python -m bench.bench_pipeline` (a fresh clone's "
               "default `dvc repro`, reruns and a sweep point; it writes bench/pipeline.json), then "

@@ -167,7 +167,7 @@ def run_all(quick: bool, threads: int) -> dict[str, Any]:
     n_eval = 128 if quick else stage2.make_config().eval.n_examples
     return {"sga": sga(10 if quick else 30), "teachers": teachers(5 if quick else 20),
             "channels_last": runtime_switch("channels_last", 1 if quick else 3),
-            "compile": {"skipped": "quick mode"} if quick else compile_case(threads, reps=2, limit_s=600),
+            "compile": {"skipped": "quick mode"} if quick else compile_case(threads, reps=2, limit_s=300),
             "eval_batch": eval_batch([32, 64, 128, 256, 512], n_eval, reps=1)}
 
 

@@ -146,8 +146,10 @@ def _stage_table(run: dict[str, Any]) -> list[str]:
 def render(P: dict[str, Any]) -> list[str]:
     """The results.md section for a bench/pipeline.json (its own run: say when and on what)."""
     setup = P.get("setup", {})
-    L = ["## Pipeline overhead and incremental cost (the default `dvc repro`)", "",
-         f"Measured by `python -m bench.bench_pipeline` in a fresh clone of commit {setup.get('commit', '?')} "
+    params = setup.get("params", "params.yaml (the offline default)")
+    L = [f"## Pipeline overhead and incremental cost: {params}", "",
+         f"Measured by `python -m bench.bench_pipeline{'' if params.startswith('params.yaml') else ' --params ' + params}` "
+         f"in a fresh clone of commit {setup.get('commit', '?')} "
          f"({setup.get('date', '?')}; a separate run from the sections above, minutes to hours long, on the same "
          f"machine; load average at its start {setup.get('machine', {}).get('loadavg_at_start', '?')}). Stage wall "
          "time: from DVC's `Running stage` line to the next; in-stage: the run record's `seconds` (the library "
@@ -199,6 +201,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--work", help="an existing clone from an earlier run (default: a fresh clone)")
+    ap.add_argument("--params", help="a params file committed over the clone's params.yaml first (default: the "
+                                     "project's, i.e. the offline default profile)")
     ap.add_argument("--sweep", default="stage2.methods=[derd,dfad,dfard,derd_no_tnat]",
                     help="the -S of the dvc exp run --temp sweep point")
     ap.add_argument("--rerun", default="stage2.lambda_rob=0.5", help="the Stage-II change of the rerun")
@@ -207,6 +211,7 @@ def main() -> None:
     a = ap.parse_args()
     phases = [p for p in PHASES if p in a.phases.split(",")]
     env = environment()
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
     out = Path(a.out)
     R: dict[str, Any] = json.loads(out.read_text()) if a.work and out.exists() else {}
 
@@ -220,10 +225,13 @@ def main() -> None:
     else:
         work = Path(tempfile.mkdtemp(prefix="derd-pipeline-")) / "derd"
         subprocess.run(["git", "clone", "-q", str(PROJECT), str(work)], check=True)
+        if a.params:
+            (work / "params.yaml").write_text(Path(a.params).read_text(encoding="utf-8"), encoding="utf-8")
+            subprocess.run([*git, "commit", "-qam", f"bench: params from {a.params}"], cwd=work, check=True)
         save("setup", {"work": str(work), "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=work, capture_output=True, text=True, check=True).stdout.strip(),
-            "machine": machine(threads_used=0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
+            "machine": machine(threads_used=0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "params": a.params or "params.yaml (the offline default)"})
     if "full" in phases:
         ref = reference_workload(count=1000, n=1024, n_threads=2)
         save("reference_workload", ref)

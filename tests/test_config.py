@@ -52,6 +52,16 @@ def test_params_yaml_round_trips_and_documents_every_key():
     assert undocumented_keys(text) == []
 
 
+def test_the_default_profile_is_the_fashion_preset():
+    """params.yaml ships as presets/fashion.yaml (bench/profiles.md: it costs <= 1.5x digits), so
+    `derd preset fashion` restores the default and the calibrated values live in one place."""
+    def settings(path: Path) -> str:
+        text = path.read_text()
+        return text[text.index("\nseed:"):]
+
+    assert settings(ROOT / "params.yaml") == settings(ROOT / "presets" / "fashion.yaml")
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_presets_validate_and_list_every_key(preset):
     config.load(preset)

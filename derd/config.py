@@ -366,7 +366,12 @@ class Config(Section):
                   if _under(k, keys or ("",)) and not _under(k, (*exclude, *WHERE_NOT_WHAT))}
         if _READS is not None:
             _READS.update(chosen)
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
+        return json_hash(chosen, 12)
+
+
+def json_hash(value: Any, length: int = 16) -> str:
+    """The one params hash: SHA-256 of ``value`` as sorted-key JSON (non-JSON leaves as ``str``), ``length`` hex digits."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:

@@ -12,6 +12,7 @@ import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,7 @@ class StageOneLoss:
     """
 
     TERMS = ("oh", "ie", "bn", "a")
-    LABELS = {"oh": "L_oh", "ie": "L_ie", "bn": "L_BN", "a": "L_a"}
+    LABELS: ClassVar[dict[str, str]] = {"oh": "L_oh", "ie": "L_ie", "bn": "L_BN", "a": "L_a"}
 
     def __init__(self, teacher: nn.Module, lambdas: dict[str, float], log_base: str = "e", record_bn: bool = False):
         unknown = set(lambdas) - set(self.TERMS)

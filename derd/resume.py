@@ -8,13 +8,13 @@ unit deletes its state (:meth:`ResumeState.clear`), so a rerun never "resumes" a
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from derd.artifacts import CheckpointError, load_tensors, save_tensors
+from derd.config import json_hash
 from derd.runtime import log
 
 FORMAT = 2  # bump when the layout of a resume state changes
@@ -36,9 +36,7 @@ def code_hash(*parts: str) -> str:
 
 def make_key(params: Mapping[str, Any] | str, inputs: Iterable[str] = (), code: str | None = None) -> str:
     """One key from params (a mapping or a hash), input hashes and the code hash (default: whole library)."""
-    blob = json.dumps({"params": params, "inputs": list(inputs), "code": code or code_hash(), "format": FORMAT},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_hash({"params": params, "inputs": list(inputs), "code": code or code_hash(), "format": FORMAT})
 
 
 class ResumeState:

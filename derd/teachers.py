@@ -24,7 +24,7 @@ from derd.artifacts import (
     sidecar_path,
     write_json,
 )
-from derd.attacks import KLPGD, PGD, eval_mode
+from derd.attacks import KLPGD, PGD, robust_flags
 from derd.config import Config, NaturalTeacher, RobustTeacher
 from derd.models import Classifier, build_model
 from derd.resume import ResumeState, make_key
@@ -51,22 +51,16 @@ def build_for(arch: str, width: int, info: datasets.DatasetInfo, normalize: str 
     return build_model(arch, c, info.num_classes, info.mean, info.std, image_size=h, width=width, normalize=normalize)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    device = next(model.parameters()).device
-    correct = 0
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            correct += (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
-    return correct / max(1, len(x))
+    """Clean accuracy (the shared :func:`~derd.attacks.robust_flags` without an attack)."""
+    return robust_flags(model, None, x, y, batch_size).sum().item() / max(1, len(x))
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
                     batch_size: int = 256) -> float:
     """Accuracy under PGD (uniform start, step 2.5·eps/steps) — the sidecar's quick robustness figure."""
     attack = PGD(model, eps, steps=steps, step_size=2.5 * eps / steps, seed=0)
-    advs = torch.cat([attack(x[i : i + batch_size], y[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
-    return accuracy(model, advs, y, batch_size)
+    return robust_flags(model, attack, x, y, batch_size).sum().item() / max(1, len(x))
 
 
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, beta: float) -> torch.Tensor:

@@ -143,7 +143,7 @@ def _where(cfg: Config, root: str) -> None:
     reports = Paths(Path(root).resolve()).reports
     uri = tracking.tracking_uri(cfg, root)
     print(f"\nReport: {reports / 'report.html'} (open it in a browser; Markdown: {reports / 'report.md'})")
-    print(f"MLflow: run `derd ui` and open http://127.0.0.1:5000 (store {uri})")
+    print(f"MLflow: run `derd ui`, then open {tracking.runs_link(cfg, root) or 'http://127.0.0.1:5000'} (store {uri})")
 
 
 def _run_name(record: logging.LogRecord) -> bool:

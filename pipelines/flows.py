@@ -67,7 +67,9 @@ def evaluate_model(item, x, y, cfg: Config, flags_dir: Path, num_classes: int) -
 def report(cfg: Config, root: Path) -> dict:
     from derd.report import tables as reporting
 
-    return reporting.run(cfg, root)
+    with config.untraced():  # where the runs are browsed, not what the report computes
+        runs_url = tracking.runs_link(cfg, root)
+    return reporting.run(cfg, root, runs_url)
 
 
 @stage_task(retries=2, retry_delay_seconds=5)

@@ -7,6 +7,12 @@ into the stage's sidecars and into its run record (``artifacts/runs/<stage>[-<un
 stage that DVC restores from its cache still names the run that produced it; the parent of every
 later stage links the upstream runs by tag (``derd.run.<stage>``).
 
+Browsing (MLflow 3.17 opens in its GenAI view): the experiment is tagged as classic model development,
+and :func:`runs_link` is the deep link to its runs table, opened on a saved view (an experiment tag)
+whose columns are the dataset and each method's headline numbers (mean over seeds, logged on the
+parent). Runs that read data carry it as an MLflow dataset input (name, digest, split as context;
+metadata only, nothing is loaded); the parent's description names the profile, methods and seeds.
+
 The store defaults to ``sqlite:///<project>/mlflow.db`` with artifacts in ``<project>/mlartifacts``,
 where ``<project>`` is the real project even when DVC runs the stage in an experiment copy under
 ``<project>/.dvc/tmp/exps/``: every run lands in one store.
@@ -23,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from derd.artifacts import read_json, versions, write_json
-from derd.config import Config
+from derd.config import Config, json_hash
 from derd.curves import read_rows
 from derd.runtime import git_commit, project_root
 from pipelines.stages import BY_NAME, Stage, upstream
@@ -32,6 +38,10 @@ STORE = "mlflow.db"
 ARTIFACTS = "mlartifacts"
 STEP_COLUMNS = ("step", "iteration", "epoch")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the runs table, not the GenAI view
+VIEW_KEY = "derd-runs"  # the saved runs-table view (experiment tag mlflow.sharedViewState.<key>)
+HEADLINE = ("Clean", "AA", "Ave")  # per method, mean over seeds: the parent's columns in that view
+DATA_SPLITS = {"teachers": "train", "evaluate": None}  # stages that read a split (None: eval.split)
 
 
 class TrackingError(RuntimeError):
@@ -119,6 +129,56 @@ def curve_metrics(stage: Stage, root: Path, unit: str | None = None) -> list[tup
     return out
 
 
+def headline(final: Mapping[str, float]) -> dict[str, float]:
+    """``<method>.<column>`` (mean over seeds) from the table's ``<method>-seed<k>/<column>`` metrics."""
+    groups: dict[str, list[float]] = {}
+    for key, value in final.items():
+        model, _, column = key.rpartition("/")
+        if column in HEADLINE and "-seed" in model:
+            groups.setdefault(f"{model.rsplit('-seed', 1)[0]}.{column}", []).append(value)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def runs_view(cfg: Config) -> str:
+    """The saved runs-table view: the dataset, run name and each method's headline columns."""
+    columns = ["attributes.`Dataset`", "attributes.`Duration`"]
+    columns += [f"metrics.`{m}.{c}`" for m in cfg.stage2.methods for c in HEADLINE]
+    return json.dumps({"selectedColumns": columns})
+
+
+def runs_url(experiment_id: str, port: int = 5000) -> str:
+    """The runs table of an experiment in ``derd ui`` (not MLflow 3's GenAI overview), on the saved view."""
+    return (f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
+
+
+def description(cfg: Config) -> str:
+    """The parent run's description (MLflow's ``mlflow.note.content``)."""
+    t, s2 = cfg.teachers, cfg.stage2
+    size = cfg.data.image_size
+    return (f"Profile: {cfg.data.name} {size}×{size}, ε = {cfg.eval.eps}, table on the {cfg.eval.split} split.\n"
+            f"Methods: {', '.join(s2.methods)}. Seeds: {', '.join(map(str, s2.seeds))}.\n"
+            f"Teachers: natural {t.natural.arch}, robust {t.robust.arch} ({t.robust.method}); "
+            f"student {s2.student.arch}. Params hash {config_hash(cfg)}.")
+
+
+def dataset_input(cfg: Config, root: Path, split: str):
+    """The split as an MLflow dataset input: name, digest (the dataset's fingerprint from
+    artifacts/inputs.json when present, and the split settings), the split as its context."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = project_root(root) / "artifacts" / "inputs.json"
+    files = read_json(inputs).get("dataset") if inputs.is_file() else None
+    digest = json_hash({"files": files, "split": cfg.section_hash("data")}, 16)
+    source = (CodeDatasetSource({"loader": "sklearn.datasets.load_digits"}) if cfg.data.name == "digits"
+              else LocalArtifactDatasetSource(str(Path(cfg.data.root).resolve())))
+    dataset = MetaDataset(source, name=cfg.data.name, digest=digest)
+    return DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", split)])
+
+
 def environment_tags(cfg: Config, root: Path) -> dict[str, str]:
     """Tags every run carries: params hash, git commit, package versions, the AutoAttack package."""
     pkgs = versions()
@@ -156,17 +216,21 @@ class Tracker:
 
     def _experiment(self) -> str:
         name = experiment_name(self.cfg)
+        tags = {"derd.dataset": self.cfg.data.name, **EXPERIMENT_TAGS,
+                f"mlflow.sharedViewState.{VIEW_KEY}": runs_view(self.cfg)}
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = (artifact_root(self.root) / name).as_uri() if self.uri.startswith("sqlite:") else None
-        from mlflow.exceptions import MlflowException
+        if found is None:
+            location = (artifact_root(self.root) / name).as_uri() if self.uri.startswith("sqlite:") else None
+            from mlflow.exceptions import MlflowException
 
-        try:
-            return self.client.create_experiment(name, artifact_location=location,
-                                                 tags={"derd.dataset": self.cfg.data.name})
-        except MlflowException:  # created meanwhile by a parallel experiment (dvc queue start -j N)
-            return self.client.get_experiment_by_name(name).experiment_id
+            try:
+                return self.client.create_experiment(name, artifact_location=location, tags=tags)
+            except MlflowException:  # created meanwhile by a parallel experiment (dvc queue start -j N)
+                found = self.client.get_experiment_by_name(name)
+        for key, value in tags.items():  # stores made before a tag existed, or another method list
+            if found.tags.get(key) != value:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def parent(self, tags: Mapping[str, str]) -> str:
         """The parent run of this configuration: found by its params hash, else created with every param."""
@@ -178,9 +242,11 @@ class Tracker:
         if runs:
             return runs[0].info.run_id
         name = f"{self.cfg.data.name}-{'+'.join(self.cfg.stage2.methods)}-{tags['derd.params_hash']}"
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "derd.kind": "parent"})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **tags, "derd.kind": "parent", "mlflow.note.content": description(self.cfg)})
         params = flatten(self.cfg.model_dump(mode="json"))
         self._log(run.info.run_id, params=params)
+        self.client.log_inputs(run.info.run_id, [dataset_input(self.cfg, self.root, self.cfg.eval.split)])
         return run.info.run_id
 
     def _log(self, run_id: str, params: Mapping[str, Any] | None = None,
@@ -215,16 +281,21 @@ class Tracker:
         metrics = [(k, v, 0) for k, v in numeric_leaves(result).items()] + final
         metrics.append(("stage_seconds", round(seconds, 3), 0))
         self._log(child, params=params, metrics=metrics + curve_metrics(stage, self.root, unit))
+        if stage.name in DATA_SPLITS:
+            split = DATA_SPLITS[stage.name] or self.cfg.eval.split
+            self.client.log_inputs(child, [dataset_input(self.cfg, self.root, split)])
         for path in stage.files(self.root, unit=unit):
             self.client.log_artifact(child, str(path), str(path.parent.relative_to(self.root)))
         self.client.set_terminated(child, "FINISHED")
         record = {"stage": stage.name, "unit": unit, "mlflow_run_id": child, "mlflow_parent_run_id": parent,
-                  "experiment": experiment_name(self.cfg), "tracking_uri": self.uri,
+                  "experiment": experiment_name(self.cfg), "experiment_id": self.experiment_id, "tracking_uri": self.uri,
                   "params_hash": base["derd.params_hash"], "git_commit": base.get("mlflow.source.git.commit"),
                   "seconds": round(seconds, 3)}
         links = {f"derd.run.{key}": r["mlflow_run_id"] for s in upstream(stage.name)
                  for key, r in read_records(s, self.root).items() if r.get("mlflow_run_id")}
-        self._log(parent, metrics=final, tags={**links, f"derd.run.{_record_key(stage.name, unit)}": child})
+        headline_metrics = [(k, v, 0) for k, v in headline({k: v for k, v, _ in final}).items()]
+        self._log(parent, metrics=final + headline_metrics,
+                  tags={**links, f"derd.run.{_record_key(stage.name, unit)}": child})
         self.client.set_terminated(parent, "FINISHED")
         return record
 
@@ -335,8 +406,20 @@ def log_failure(cfg: Config, root: str | Path, stage_name: str, error: BaseExcep
         return None
 
 
+def runs_link(cfg: Config, root: str | Path, port: int = 5000) -> str | None:
+    """:func:`runs_url` of this project's experiment (created if new); None when tracking is off or the
+    store cannot be opened (the caller's output must not depend on it)."""
+    if not cfg.tracking.enabled:
+        return None
+    try:
+        return runs_url(Tracker(cfg, root).experiment_id, port)
+    except Exception:  # a broken store is reported by the tracked stage itself
+        return None
+
+
 def ui(cfg: Config, root: str | Path, port: int = 5000) -> int:
-    """``mlflow ui`` on 127.0.0.1 for this project's store, in its own process group (stopped as a group)."""
+    """``mlflow ui`` on 127.0.0.1 for this project's store, in its own process group (stopped as a group);
+    prints the deep link to the experiment's runs table."""
     import os
     import signal
     import subprocess
@@ -348,7 +431,8 @@ def ui(cfg: Config, root: str | Path, port: int = 5000) -> int:
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", artifact_root(root).as_uri()]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI for {uri}: http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    link = runs_url(Tracker(cfg, root).experiment_id, port)
+    print(f"MLflow UI for {uri}\n  runs of {experiment_name(cfg)}: {link}\n(Ctrl-C stops it)", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()

@@ -75,6 +75,46 @@ def test_tracking_failure_is_reported_and_keeps_the_outputs(pipeline_run, tmp_pa
     assert any("MLflow could not record stage 'report'" in r.message for r in caplog.records)
 
 
+def test_runs_are_browsable_in_the_mlflow_runs_table(pipeline_run):
+    """Experiment kind, the saved view's columns, the parent's description and headline metrics, the
+    dataset inputs, and the deep link in the report: what a user sees in MLflow 3.17's runs table."""
+    import html
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    cfg = config.load(pipeline_run / "params.yaml")
+    client = MlflowClient(tracking.tracking_uri(cfg, pipeline_run))
+    experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
+    assert {"attributes.`Dataset`", "metrics.`derd.AA`", "metrics.`derd.Ave`", "metrics.`dafl.AA`"} <= set(view["selectedColumns"])
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`derd.kind` = 'parent'")
+    note = parent.data.tags["mlflow.note.content"]
+    assert "digits 8×8" in note and "derd, dafl, rslad_real" in note and "Seeds: 0." in note
+    table = read_json(pipeline_run / "metrics" / "eval.json")["rows"]
+    derd_row = next(r for r in table if r["model"] == "derd-seed0")
+    assert parent.data.metrics["derd.AA"] == pytest.approx(derd_row["AA"])
+    assert parent.data.metrics["derd.Ave"] == pytest.approx(derd_row["Ave"])
+    for run, split in [(parent, "test"), *((client.search_runs([experiment.experiment_id], f"tags.`derd.stage` = '{s}'")[0],
+                                          split) for s, split in (("teachers", "train"), ("evaluate", "test")))]:
+        (given,) = run.inputs.dataset_inputs
+        assert given.dataset.name == "digits" and len(given.dataset.digest) == 16
+        assert {t.key: t.value for t in given.tags}["mlflow.data.context"] == split
+    link = tracking.runs_url(experiment.experiment_id)
+    flows.report_flow(params=str(pipeline_run / "params.yaml"), root=str(pipeline_run))  # another test breaks the store
+    assert link.endswith(f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+                         f"&viewStateShareKey={tracking.VIEW_KEY}")
+    assert link in (pipeline_run / "reports" / "report.md").read_text()
+    assert f'href="{html.escape(link)}"' in (pipeline_run / "reports" / "report.html").read_text()
+
+
+def test_headline_is_the_mean_over_seeds_of_each_method():
+    final = {"derd-seed0/AA": 30.0, "derd-seed1/AA": 40.0, "derd-seed0/FGSM": 50.0, "Nature/AA": 0.0,
+             "dafl-seed0/Ave": 12.5}
+    assert tracking.headline(final) == {"derd.AA": 35.0, "dafl.Ave": 12.5}
+
+
 def test_only_io_tasks_retry():
     """Training and attacks never retry (a retry would hide a bug); data fetching and logging do."""
     assert flows.fetch_data.retries > 0 and flows.track.retries > 0
@@ -113,7 +153,7 @@ def test_cli_reports_a_missing_input_and_logs_a_failed_run(prefect_api, tmp_path
     assert failed.info.status == "FAILED" and "eval.json" in failed.data.tags["derd.error"]
 
 
-def test_ui_serves_the_project_store_on_localhost_in_its_own_process_group(tmp_path, monkeypatch):
+def test_ui_serves_the_project_store_on_localhost_and_prints_the_runs_table_link(tmp_path, monkeypatch, capsys):
     calls = {}
 
     class FakeProcess:
@@ -129,7 +169,10 @@ def test_ui_serves_the_project_store_on_localhost_in_its_own_process_group(tmp_p
             return 0
 
     monkeypatch.setattr("subprocess.Popen", FakeProcess)
-    assert tracking.ui(config.parse({}), tmp_path / ".dvc/tmp/exps/tmpx", port=5123) == 0
+    cfg = config.parse({})
+    assert tracking.ui(cfg, tmp_path / ".dvc/tmp/exps/tmpx", port=5123) == 0
+    experiment = tracking.Tracker(cfg, tmp_path).experiment_id  # made by `derd ui` for its link
+    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?workflowType=machine_learning" in capsys.readouterr().out
     cmd = calls["cmd"]
     assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"

@@ -13,7 +13,14 @@ from test_data import _write_cifar, _write_fashion, _write_imagefolder
 from test_distill import micro_config, root  # noqa: F401  (the fixture: tiny teachers and Stage-I artifacts)
 
 from derd import config, data, distill
-from derd.artifacts import load_into, load_tensors, read_json, save_artifact, save_tensors, sidecar_path
+from derd.artifacts import (
+    load_into,
+    load_tensors,
+    read_json,
+    save_artifact,
+    save_tensors,
+    sidecar_path,
+)
 from derd.attacks import ATTACKS
 from derd.config import Data
 from derd.distill.aggregation import AGGREGATIONS, GradientAggregator
@@ -52,9 +59,10 @@ def test_config_names_come_from_the_registry(kind, key, monkeypatch):
         value[sections[-1]] = [name]
     else:
         value[field] = name
-    with pytest.raises(config.ConfigError, match=rf"{key}: must be one of .*'{sorted(EXPECTED[kind])[0]}'"):
+    first = min(EXPECTED[kind])
+    with pytest.raises(config.ConfigError, match=rf"{key}: must be one of .*'{first}'"):
         config.parse(raw)
-    entry = registry(kind)[sorted(EXPECTED[kind])[0]]
+    entry = registry(kind)[first]
     monkeypatch.setitem(registry(kind)._entries, name, entry)  # a new entry is accepted without another edit
     if kind != "generator":  # a generator's image sizes are a separate rule
         config.parse(raw)
@@ -107,11 +115,11 @@ def test_generator_builds_forwards_and_round_trips(arch, tmp_path):
 
 
 # ---------------------------------------------------------------- datasets (embedded or fake files)
-def _write_cifar100(root, monkeypatch):
+def _write_cifar100(folder_root, monkeypatch):
     """Fake CIFAR-100 python files, with torchvision pointed at their checksums."""
     import torchvision
 
-    folder = root / "cifar-100-python"
+    folder = folder_root / "cifar-100-python"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     md5 = {}
@@ -177,7 +185,7 @@ def test_aggregation_aggregates_and_its_state_round_trips(strategy, tmp_path):
     torch.manual_seed(0)
     g_nat, g_rob = [torch.randn(4, 3), torch.randn(5)], [torch.randn(4, 3), torch.randn(5)]
     agg = GradientAggregator(strategy, 0.5, seed=1)
-    out, stats = agg(g_nat, g_rob, (1.0, 2.0))
+    out, _ = agg(g_nat, g_rob, (1.0, 2.0))
     assert [o.shape for o in out] == [g.shape for g in g_nat] and all(torch.isfinite(o).all() for o in out)
     save_tensors(tmp_path / "agg.pt", agg.state_dict())
     again = GradientAggregator(strategy, 0.5, seed=99)

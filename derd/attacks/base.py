@@ -8,11 +8,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-log = logging.getLogger("derd")
 from derd.registry import Registry
 
-
+log = logging.getLogger("derd")
 ATTACKS: Registry[type[Attack]] = Registry("attack")
+
 
 @contextmanager
 def eval_mode(model: nn.Module):

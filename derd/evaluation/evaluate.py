@@ -51,7 +51,7 @@ from derd.artifacts import (
     write_text,
 )
 from derd.attacks import CW, FGSM, PGD, Attack, robust_flags
-from derd.config import Config, Eval, RobustTeacher
+from derd.config import Config, Eval, RobustTeacher, json_hash
 from derd.evaluation.autoattack import AutoAttack, backend, fingerprint
 from derd.evaluation.eps_curve import eps_curve, write_curves
 from derd.evaluation.flags import Covering, FlagStore, MissingFlags, merge_entries
@@ -96,9 +96,7 @@ def sat_student(cfg: Config, root: Path, splits: datasets.Splits, device: torch.
     robust, student = cfg.teachers.robust, cfg.stage2.student
     spec = RobustTeacher(arch=student.arch, width=student.width, method=robust.method, trades_beta=robust.trades_beta,
                          train=robust.train, attack=robust.attack)
-    blob = json.dumps({"seed": cfg.seed, "data": cfg.data.model_dump(), "spec": spec.model_dump(),
-                       "code": code_hash()}, sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    key = json_hash({"seed": cfg.seed, "data": cfg.data.model_dump(), "spec": spec.model_dump(), "code": code_hash()}, 12)
     path = Paths(root).root / "artifacts" / "reference" / "sat_student.pt"
     model = build_for(student.arch, student.width, splits.info).to(device)
     if path.exists() and sidecar_path(path).exists() and read_json(sidecar_path(path)).get("spec_key") == key:

@@ -158,8 +158,9 @@ def training_figures(root: Path, stage1_units: list[str], students: list[str]) -
 
 # ---------------------------------------------------------------- rendering
 def markdown(rows: list[Row], sections: dict[str, object], images: dict[str, Path], evaluation: dict,
-             reports: Path) -> str:
-    lines = ["# DERD report", "", _caption(evaluation), "", "| Model | " + " | ".join(COLUMNS) + " | Seeds | Sanity |",
+             reports: Path, runs_url: str | None = None) -> str:
+    runs = ["", f"Every run in MLflow (start `derd ui`): [the runs table]({runs_url})"] if runs_url else []
+    lines = ["# DERD report", "", _caption(evaluation), *runs, "", "| Model | " + " | ".join(COLUMNS) + " | Seeds | Sanity |",
              "|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
         lines.append(f"| {r.label} | " + " | ".join(r.cell(c) for c in COLUMNS)
@@ -171,7 +172,8 @@ def markdown(rows: list[Row], sections: dict[str, object], images: dict[str, Pat
     return "\n".join(lines) + "\n"
 
 
-def html_page(rows: list[Row], sections: dict[str, object], images: dict[str, Path], evaluation: dict) -> str:
+def html_page(rows: list[Row], sections: dict[str, object], images: dict[str, Path], evaluation: dict,
+              runs_url: str | None = None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ("Model", *COLUMNS, "Seeds", "Sanity"))
     body = []
     for r in rows:
@@ -183,11 +185,13 @@ def html_page(rows: list[Row], sections: dict[str, object], images: dict[str, Pa
         f"<h2>{html.escape(t)}</h2><img alt=\"{html.escape(t)}\" src=\"data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}\">" for t, p in images.items())
     extra = "".join(f"<h2>{html.escape(t)}</h2><pre>{html.escape(_as_text(b))}</pre>" for t, b in sections.items())
+    runs = (f"<p>Every run in MLflow (start <code>derd ui</code>): <a href=\"{html.escape(runs_url)}\">the runs "
+            "table</a></p>") if runs_url else ""
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
              "tr.suspect{background:#fde2e2}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>DERD report</title><style>{style}</style>"
-            f"</head><body><h1>DERD report</h1><p>{html.escape(_caption(evaluation))}</p>"
+            f"</head><body><h1>DERD report</h1><p>{html.escape(_caption(evaluation))}</p>{runs}"
             f"<table id=\"results\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             f"{figs}{extra}</body></html>\n")
 
@@ -208,8 +212,8 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def run(cfg: Config, root: Path = Path(".")) -> dict:
-    """The report stage (see the module docstring)."""
+def run(cfg: Config, root: Path = Path("."), runs_url: str | None = None) -> dict:
+    """The report stage (see the module docstring); ``runs_url``: the MLflow runs table to link."""
     paths = Paths(root)
     evaluation = load_eval(root)
     stage1_units, students = cfg.stage1_units(), cfg.student_units()
@@ -225,7 +229,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict:
         "Environment": environment(cfg, root, evaluation),
         "Configuration (params)": cfg.model_dump(mode="json"),
     }
-    html_path = write_text(paths.reports / "report.html", html_page(rows, sections, images, evaluation))
-    md_path = write_text(paths.reports / "report.md", markdown(rows, sections, images, evaluation, paths.reports))
+    html_path = write_text(paths.reports / "report.html", html_page(rows, sections, images, evaluation, runs_url))
+    md_path = write_text(paths.reports / "report.md", markdown(rows, sections, images, evaluation, paths.reports, runs_url))
     return {"html": str(html_path), "markdown": str(md_path), "rows": len(rows), "models": len(evaluation["rows"]),
             "suspect_rows": sum(bool(r.suspect) for r in rows), "figures": len(images)}

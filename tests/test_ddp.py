@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,3 +116,31 @@ def test_gradients_buffers_and_logs_are_averaged_over_two_gloo_ranks(tmp_path):
         assert grads == [1.5, 1.5, 1.5] and running_mean == [1.0, 1.0]
         assert logs == {"a": 0.5, "b": 4.0}
         assert rows == list(range(rank, 6, 2))
+
+
+def _teachers_and_warmup(rank: int, init: str, root: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        cfg = config.load(Path(root) / "params.yaml")
+        teachers.run(cfg, Path(root))
+        if rank == 0:
+            warmup.run_unit(cfg, Path(root), "generator_natural")
+        else:
+            warmup.train_generator(cfg, Path(root), "natural", torch.device("cpu"), [])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_teachers_and_stage1_train_on_two_gloo_ranks(tmp_path):
+    """The same library calls as `torchrun -m pipelines.cli teachers|warmup` (rank 0's flow, the others' follow)."""
+    import torch.multiprocessing as mp
+
+    write_params(tmp_path / "params.yaml", {**CHANGES, "runtime.nproc": 2})
+    mp.spawn(_teachers_and_warmup, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    for name in ("teachers/natural", "teachers/robust", "stage1/generator_natural"):
+        sidecar = json.loads((tmp_path / "artifacts" / f"{name}.json").read_text())
+        assert sidecar["runtime"]["world_size"] == 2, name
+    assert len(list((tmp_path / "artifacts" / "teachers").glob("*.pt"))) == 2
+    summary = json.loads((tmp_path / "metrics" / "warmup" / "generator_natural.json").read_text())
+    assert summary["steps"] == 3 and all(math.isfinite(v) for v in summary["last_step_terms"].values())

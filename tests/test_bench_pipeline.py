@@ -29,10 +29,10 @@ def test_stage_lines_become_wall_in_stage_and_fixed_seconds(tmp_path):
     names = [st["stage"] for st in run["stages"]]
     assert names == ["inputs", "teachers", "distill@derd-0"]
     inputs, teachers, distill = run["stages"]
-    assert inputs["in_stage_s"] is None and inputs["fixed_s"] == inputs["wall_s"] >= 0.2
-    assert teachers["in_stage_s"] == 0.1 and teachers["wall_s"] >= 0.4
+    assert inputs["in_stage_s"] is None and inputs["fixed_s"] == inputs["wall_s"] >= 0.15  # its sleep, less the read delay
+    assert teachers["in_stage_s"] == 0.1 and teachers["wall_s"] >= 0.35
     assert teachers["fixed_s"] == pytest.approx(teachers["wall_s"] - 0.1)
-    assert distill["in_stage_s"] == 0.05 and distill["wall_s"] >= 0.3  # the last stage ends with the process
+    assert distill["in_stage_s"] == 0.05 and distill["wall_s"] >= 0.25  # the last stage ends with the process
     assert run["skipped"] == ["warmup@natural", "inversion"]
     assert run["server_start_s"] == 2.5
     assert sum(st["wall_s"] for st in run["stages"]) + run["before_first_stage_s"] == pytest.approx(run["total_s"])
@@ -59,10 +59,12 @@ def test_the_report_states_the_share_the_budget_multiple_and_the_before_after_ra
     text = "\n".join(bench_pipeline.render(P))
     assert bench_pipeline.fixed_total(P["full"]) == pytest.approx(32.0)  # 10 + 2 + 10 + 10
     assert "**1000 s** = 20.0× the budget unit" in text and "goal ≤ 40×: met" in text
-    assert "= **3.2%** of the run (goal ≤ 10%: met)" in text
+    assert "= **3.2%** of the run; goal ≤ 10%: met" in text
     # before: 32 - 8 (no shared server) + 2 Prefect stages x (15 - 5) = 44 s
     assert "fixed cost 44 s before vs 32 s after (**×1.38**)" in text
     assert "**100 s = 10% of the full run**" in text and "Teachers and Stage-I: 0 s (not run)." in text
+    P["setup"]["params"] = "micro.yaml"  # another profile: the default's goals are not judged
+    assert "goal ≤" not in "\n".join(bench_pipeline.render(P))
 
 
 def test_a_sweep_that_reran_a_teacher_says_so():

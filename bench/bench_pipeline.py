@@ -58,9 +58,11 @@ def record(work: Path, stage: str, unit: str | None) -> float | None:
     return json.loads(path.read_text())["seconds"] if path.exists() else None
 
 
-def run_logged(cmd: list[str], work: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_logged(cmd: list[str], work: Path, env: dict[str, str], records: bool = True) -> dict[str, Any]:
     """Run ``cmd``, timestamping DVC's stage lines: per stage that ran, wall and in-stage seconds; the
-    stages skipped or restored from the run-cache; the shared server's start time when one started."""
+    stages skipped or restored from the run-cache; the shared server's start time when one started.
+    ``records=False`` (a ``dvc exp run --temp``: the stages run in a copy, their run records stay there):
+    wall times only."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marks: list[tuple[str, float]] = []
@@ -84,9 +86,9 @@ def run_logged(cmd: list[str], work: Path, env: dict[str, str]) -> dict[str, Any
     stages = []
     for i, (name, t0) in enumerate(marks):
         wall = (marks[i + 1][1] if i + 1 < len(marks) else total) - t0
-        inner = record(work, *commands[name]) if name in commands else None
+        inner = record(work, *commands[name]) if records and name in commands else None
         stages.append({"stage": name, "wall_s": wall, "in_stage_s": inner,
-                       "fixed_s": wall - (inner or 0.0)})
+                       "fixed_s": wall - (inner or 0.0) if records else None})
     before_first = marks[0][1] if marks else total
     return {"command": " ".join(cmd), "total_s": total, "before_first_stage_s": before_first,
             "server_start_s": server_s, "stages": stages, "skipped": skipped}
@@ -140,8 +142,8 @@ def _stage_table(run: dict[str, Any]) -> list[str]:
     lines = ["| stage | wall s | in-stage s | fixed s | fixed share of the stage |", "|---|---|---|---|---|"]
     for st in run["stages"]:
         inner = "—" if st["in_stage_s"] is None else f"{st['in_stage_s']:.1f}"
-        lines.append(f"| {st['stage']} | {st['wall_s']:.1f} | {inner} | {st['fixed_s']:.1f} | "
-                     f"{100 * st['fixed_s'] / st['wall_s']:.0f}% |")
+        fixed = "— | —" if st["fixed_s"] is None else f"{st['fixed_s']:.1f} | {100 * st['fixed_s'] / st['wall_s']:.0f}%"
+        lines.append(f"| {st['stage']} | {st['wall_s']:.1f} | {inner} | {fixed} |")
     return lines
 
 
@@ -203,7 +205,9 @@ def render(P: dict[str, Any]) -> list[str]:
               f"ran: {', '.join(st['stage'] for st in r['stages'])}; skipped or restored from the run-cache: "
               f"{', '.join(r['skipped']) or 'none'}. Teachers and Stage-I: "
               + ("0 s (not run)." if len(free) == 3 else f"RAN ({', '.join(sorted(ran & {'teachers', 'warmup', 'inversion'}))})."),
-              "", *_stage_table(r), ""]
+              "", *_stage_table(r),
+              *(["", "(The experiment's stages run in DVC's temporary copy and keep their run records there: "
+                 "wall times only.)"] if all(st["fixed_s"] is None for st in r["stages"]) else []), ""]
     return L
 
 
@@ -249,7 +253,8 @@ def main() -> None:
     if "noop" in phases:
         save("noop", run_logged(["dvc", "repro"], work, env))
     if "sweep" in phases:
-        save("sweep", {"set": a.sweep, **run_logged(shared("dvc exp run", "--temp", "-S", a.sweep), work, env)})
+        save("sweep", {"set": a.sweep, **run_logged(shared("dvc exp run", "--temp", "-S", a.sweep), work, env,
+                                                    records=False)})
     if "rerun" in phases:
         set_param(work, a.rerun)
         subprocess.run([*git, "commit", "-qam", f"bench: {a.rerun}"], cwd=work, check=True)

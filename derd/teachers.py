@@ -28,18 +28,8 @@ from derd.attacks import KLPGD, PGD, robust_flags
 from derd.config import Config, NaturalTeacher, RobustTeacher
 from derd.models import Classifier, build_model
 from derd.resume import ResumeState, make_key
-from derd.runtime import (
-    Paths,
-    autocast,
-    check_stop,
-    grad_scaler,
-    log,
-    prepare_model,
-    progress,
-    resolve_device,
-    runtime_record,
-    seed_everything,
-)
+from derd.runtime import (Paths, autocast, check_stop, grad_scaler, log, prepare_model, progress, resolve_device,
+                          runtime_record, seed_everything)
 
 ROLES = ("natural", "robust")
 CHECK_EXAMPLES, CHECK_PGD_STEPS = 1000, 10  # the sidecar's quick check on val (the table is the evaluate stage's)

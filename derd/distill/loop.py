@@ -25,18 +25,8 @@ from derd.attacks import KLPGD, PGD
 from derd.config import Config, ConfigError
 from derd.curves import read_rows, write_rows
 from derd.resume import ResumeState, make_key
-from derd.runtime import (
-    STUDENT_KEYS,
-    Paths,
-    LossScale,
-    autocast,
-    log,
-    prepare_model,
-    progress,
-    resolve_device,
-    runtime_record,
-    seed_everything,
-)
+from derd.runtime import (STUDENT_KEYS, Paths, LossScale, autocast, log, prepare_model, progress, resolve_device,
+                          runtime_record, seed_everything)
 from derd.teachers import accuracy, build_for, load_teacher
 
 

@@ -39,17 +39,8 @@ from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.report import plots
 from derd.resume import ResumeState, make_key
-from derd.runtime import (
-    Paths,
-    autocast,
-    grad_scaler,
-    log,
-    prepare_model,
-    progress,
-    resolve_device,
-    runtime_record,
-    seed_everything,
-)
+from derd.runtime import (Paths, autocast, grad_scaler, log, prepare_model, progress, resolve_device, runtime_record,
+                          seed_everything)
 from derd.stage1.health import generator_health, teacher_predictions
 from derd.stage1.inversion import optimise_batch
 from derd.teachers import load_teacher

@@ -184,12 +184,15 @@ def test_two_queued_experiments_run_in_parallel_and_both_land_in_mlflow(project)
         pytest.skip("needs the pipeline of the first test")
     for value in (3, 4):
         _run(["dvc", "exp", "run", "--queue", "-n", f"par{value}", "-S", f"stage2.lambda_rob={value}"], root, env)
-    _run(["dvc", "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + 600
+    # `dvc queue start` may stay attached to its workers until the queue drains: don't wait on it, poll the status
+    starter = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 1200
     while "Queued" in (status := _run(["dvc", "queue", "status"], root, env)) or "Running" in status:
         assert time.monotonic() < deadline, status
         time.sleep(5)
     assert status.count("Success") >= 2 and "Failed" not in status, status
+    assert starter.wait(timeout=120) == 0
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env))
     tables = {e["name"]: e["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]["table"]
               for b in shown for e in (b.get("experiments") or []) if e.get("name") in ("par3", "par4")}

@@ -14,7 +14,7 @@ from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.runtime import Paths, seed_everything
 from derd.stage1 import warmup
-from derd.stage1.health import generator_health
+from derd.stage1.health import batch_health, generator_health
 
 # Micro warm-up (tiny_config, 60 steps), measured over seeds 0-4 (teacher and generator seeded together):
 # L_G^I drop 7.8 / 11.4 / 10.7 / 11.3 / 10.9, class-balance gain 0.27 / 0.98 / 0.91 / 0.95 / 0.92.
@@ -138,6 +138,21 @@ def test_collapse_detection_fires_on_a_one_image_generator(teacher_root):
     real, _ = data.first_n(data.load(cfg.data).test, 200)
     healthy = generator_health(teacher, real, 10, collapse_threshold=0.6)
     assert not healthy["collapsed"] and healthy["balance"] > 0.9 and healthy["diversity"] > 0.1
+
+
+def test_batch_health_sees_a_collapsed_batch_and_the_experts_agreement():
+    same = torch.full((8, 1, 4, 4), 0.5)
+    one_class = torch.zeros(8, 10)
+    one_class[:, 3] = 5.0
+    collapsed = batch_health(same, one_class, one_class)
+    assert collapsed["balance"] == 0 and collapsed["top_class_share"] == 1
+    assert collapsed["diversity"] == 0 and collapsed["agree_nat_rob"] == 1
+    images = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 1.0)])
+    logits = torch.eye(10)[:2]
+    healthy = batch_health(images, logits, logits.flip(0))
+    assert healthy["balance"] == pytest.approx(0.30103, abs=1e-4)  # two classes of ten: ln 2 / ln 10
+    assert healthy["diversity"] == 1 and healthy["agree_nat_rob"] == 0
+    assert "agree_nat_rob" not in batch_health(images, logits)
 
 
 def test_warmup_resumes_to_the_same_generator(teacher_root, tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ from derd.losses import (
 )
 from derd.models import build_generator
 from derd.stage1 import warmup
+from derd.stage1.health import batch_health
 
 
 def discrepancy(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,8 @@ class DERD(Method):
         g_rob = ctx.student_grads(l_rob)
         grads, stats = self.aggregator(g_nat, g_rob, ctx.global_losses(l_nat, l_rob))  # same on every rank
         ctx.apply_student_grads(grads)
-        return {"L_nat": l_nat.detach(), "L_rob": l_rob.detach(), **stats}
+        agreement = None if self.natural is self.robust else t_rob_clean  # w/o T_nat: one expert, nothing to agree
+        return {"L_nat": l_nat.detach(), "L_rob": l_rob.detach(), **stats, **batch_health(x, t_nat, agreement)}
 
     def reading(self) -> dict[str, Any]:
         s2 = self.ctx.s2

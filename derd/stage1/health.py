@@ -33,6 +33,28 @@ def diversity(images: torch.Tensor, max_samples: int = DIVERSITY_SAMPLES) -> flo
     return (d.sum() / (n * (n - 1))).item()
 
 
+def class_balance(share: torch.Tensor) -> torch.Tensor:
+    """Entropy of a class-share vector over ln K: 1 = perfectly balanced, 0 = one class."""
+    nonzero = share[share > 0]
+    return -(nonzero * nonzero.log()).sum() / math.log(len(share)) if len(share) > 1 else share.new_tensor(1.0)
+
+
+@torch.no_grad()
+def batch_health(images: torch.Tensor, logits: torch.Tensor, other_logits: torch.Tensor | None = None) -> dict:
+    """Stage-II's per-step view of one pseudo batch, as tensors (no device sync): the class balance and top-class
+    share of ``logits``' argmax, the samples' diversity and, given a second expert's ``other_logits`` on the same
+    images, the fraction of samples whose argmax the two experts agree on."""
+    pred = logits.argmax(1)
+    share = torch.bincount(pred, minlength=logits.shape[1]).double() / len(pred)
+    x = images.flatten(1).double()
+    pairs = torch.cdist(x, x) / math.sqrt(x.shape[1])
+    out = {"balance": class_balance(share), "top_class_share": share.max(),
+           "diversity": pairs.sum() / max(len(x) * (len(x) - 1), 1)}
+    if other_logits is not None:
+        out["agree_nat_rob"] = (pred == other_logits.argmax(1)).double().mean()
+    return out
+
+
 def generator_health(teacher: nn.Module, images: torch.Tensor, num_classes: int, collapse_threshold: float,
                      min_diversity: float = 0.02) -> dict:
     """Class histogram of the teacher's argmax, mean confidence, diversity and collapse warnings.
@@ -46,8 +68,7 @@ def generator_health(teacher: nn.Module, images: torch.Tensor, num_classes: int,
     probs = teacher_predictions(teacher, images)
     counts = torch.bincount(probs.argmax(1), minlength=num_classes).double()
     share = counts / counts.sum()
-    nonzero = share[share > 0]
-    balance = (-(nonzero * nonzero.log()).sum() / math.log(num_classes)).item() if num_classes > 1 else 1.0
+    balance = class_balance(share).item()
     div = diversity(images)
     warnings = []
     top = int(share.argmax())

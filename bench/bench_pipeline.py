@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--work", help="an existing clone from an earlier run (default: a fresh clone)")
     ap.add_argument("--params", help="a params file committed over the clone's params.yaml first (default: the "
                                      "project's, i.e. the offline default profile)")
-    ap.add_argument("--sweep", default="stage2.methods=[derd,dfad,dfard,derd_no_tnat]",
+    ap.add_argument("--sweep", default="stage2.methods=[derd,dfad,dfard,dafl]",
                     help="the -S of the dvc exp run --temp sweep point")
     ap.add_argument("--rerun", default="stage2.lambda_rob=0.5", help="the Stage-II change of the rerun")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the overhead phase")

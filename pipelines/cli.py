@@ -6,11 +6,11 @@ import atexit
 import importlib
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipelines import signals
 
 if TYPE_CHECKING:
     from derd.config import Config
@@ -153,26 +153,6 @@ def _run_name(record: logging.LogRecord) -> bool:
     return True
 
 
-def _stop_on_signals(grace: float = 8.0) -> None:
-    """SIGTERM (a killed `dvc repro`, a cancelled queue, CI timeouts) and Ctrl-C ask the work to stop: the
-    training loops, in whichever thread they run, raise at their next step (resume state kept) and the
-    command unwinds, stopping Prefect's temporary server. A second signal, or no exit within ``grace``
-    seconds, ends the process at once (artifact writes are atomic, so nothing half-written remains)."""
-    from derd.runtime import STOP
-
-    def handler(signum: int, frame) -> None:
-        if STOP.is_set():
-            os._exit(128 + signum)
-        STOP.set()
-        print(f"derd: {signal.Signals(signum).name} received, stopping (resume state is kept)", file=sys.stderr)
-        timer = threading.Timer(grace, os._exit, (128 + signum,))
-        timer.daemon = True
-        timer.start()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def _write_trace(path: Path, reads: set[str]) -> None:
     """The project's modules this process imported and the params keys it read, as JSON."""
     import json
@@ -201,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(_run_name)
     for chatty in ("httpx", "httpcore", "alembic"):  # one line per API call / migration otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    _stop_on_signals()
+    signals.stop_on_signals()
     if trace := os.environ.get("DERD_TRACE_READS"):  # a folder: the dependency test's record of this stage's reads
         from derd import config as _config
 

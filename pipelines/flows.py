@@ -22,7 +22,7 @@ from derd import config
 from derd import data as datasets
 from derd.config import Config
 from derd.runtime import log
-from pipelines import tracking
+from pipelines import signals, tracking
 
 # Every task: DVC decides what reruns; Prefect's own result cache stays off so it never skips work DVC asked for.
 stage_task = task(cache_policy=NO_CACHE, persist_result=False)
@@ -81,6 +81,7 @@ def track(cfg: Config, root: Path, stage: str, result: Mapping[str, Any], second
 def _tracked(stage: str, params: str, root: str, body: Callable[[Config, Path], dict],
              final_metrics: Callable[[Path], Mapping[str, float]] | None = None, unit: str | None = None) -> dict:
     """Load the config, run ``body``, then log the MLflow child run and stamp its id into the outputs."""
+    signals.stop_on_signals()  # over Prefect's flow-run handler (pipelines/signals.py)
     cfg, where = config.load(params), Path(root)
     start = time.monotonic()
     try:
@@ -146,6 +147,7 @@ def evaluate_flow(params: str = "params.yaml", root: str = ".", shard: str | Non
     from derd.report.tables import table_metrics
 
     if shard is not None:
+        signals.stop_on_signals()
         return evaluate.run(config.load(params), Path(root), shard=evaluate.parse_shard(shard))
     if merge:
         return _tracked("evaluate", params, root, lambda cfg, where: evaluate.merge(cfg, where),

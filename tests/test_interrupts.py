@@ -90,3 +90,32 @@ def test_sigterm_stops_a_training_stage_within_seconds_and_keeps_its_state(tmp_p
     assert proc.returncode == 143, out[-3000:]
     assert "rerun the same command to continue" in out and "Traceback" not in out
     assert load_tensors(state)["epoch"] >= 1, "the resume state is intact"
+
+
+def test_stage_flows_answer_sigterm_with_derds_handler_not_prefects(tmp_path, prefect_api):
+    """Prefect swaps in its own SIGTERM handler for a flow run; it reports the crash to the server before the
+    process may exit, so a stage whose server died with its `dvc repro` hung. Stage flows put derd's back."""
+    from prefect import flow
+
+    from pipelines import flows
+
+    params = write_params(tmp_path / "params.yaml", {"tracking.enabled": False})
+    seen = []
+
+    @flow
+    def bare():
+        return signal.getsignal(signal.SIGTERM).__module__
+
+    @flow
+    def stage():
+        return flows._tracked("report", str(params), str(tmp_path),
+                              lambda cfg, where: seen.append(signal.getsignal(signal.SIGTERM).__module__) or {})
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert bare() == "prefect.utilities.engine"
+        stage()
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert seen == ["pipelines.signals"]

@@ -10,6 +10,7 @@ written; a tracking failure is reported and leaves those files intact.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,11 +22,26 @@ from prefect.cache_policies import NO_CACHE
 from derd import config
 from derd import data as datasets
 from derd.config import Config
-from derd.runtime import log
+from derd.runtime import Stopped, log
 from pipelines import signals, tracking
 
 # Every task: DVC decides what reruns; Prefect's own result cache stays off so it never skips work DVC asked for.
 stage_task = task(cache_policy=NO_CACHE, persist_result=False)
+
+
+def stage_flow(name: str) -> Callable[[Callable[..., dict]], Any]:
+    """A Prefect flow whose runs answer SIGTERM / Ctrl-C with derd's handler: Prefect installs its own for a flow
+    run, which reports the crash to the server before the process may exit (pipelines/signals.py)."""
+
+    def decorate(fn: Callable[..., dict]) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> dict:
+            signals.stop_on_signals()
+            return fn(*args, **kwargs)
+
+        return flow(name=name, log_prints=True)(run)
+
+    return decorate
 
 
 @stage_task(retries=3, retry_delay_seconds=10)
@@ -81,11 +97,12 @@ def track(cfg: Config, root: Path, stage: str, result: Mapping[str, Any], second
 def _tracked(stage: str, params: str, root: str, body: Callable[[Config, Path], dict],
              final_metrics: Callable[[Path], Mapping[str, float]] | None = None, unit: str | None = None) -> dict:
     """Load the config, run ``body``, then log the MLflow child run and stamp its id into the outputs."""
-    signals.stop_on_signals()  # over Prefect's flow-run handler (pipelines/signals.py)
     cfg, where = config.load(params), Path(root)
     start = time.monotonic()
     try:
         result = body(cfg, where)
+    except Stopped:  # a stop request (SIGTERM, Ctrl-C) is no failure, and the process has seconds to exit
+        raise
     except Exception as exc:
         with config.untraced():
             tracking.log_failure(cfg, where, stage, exc, unit)
@@ -110,7 +127,7 @@ def _units(stage: str, params: str, root: str, names: list[str],
             for unit in names}
 
 
-@flow(name="teachers", log_prints=True)
+@stage_flow("teachers")
 def teachers_flow(params: str = "params.yaml", root: str = ".") -> dict:
     """Load or train the natural and the robust teacher, one task each."""
     from derd import teachers
@@ -122,13 +139,13 @@ def teachers_flow(params: str = "params.yaml", root: str = ".") -> dict:
     return _tracked("teachers", params, root, body)
 
 
-@flow(name="warmup", log_prints=True)
+@stage_flow("warmup")
 def warmup_flow(params: str = "params.yaml", root: str = ".", only: str | None = None) -> dict:
     """Stage-I: each generator and the DERD_inv pool (``only``: that one), one task and MLflow run each."""
     return _units("warmup", params, root, [only] if only else config.load(params).stage1_units(), warmup)
 
 
-@flow(name="distill", log_prints=True)
+@stage_flow("distill")
 def distill_flow(params: str = "params.yaml", root: str = ".", only: str | None = None) -> dict:
     """Stage-II: one task and MLflow run per (method, seed) of stage2 (``only``: that ``<method>-seed<k>``)."""
     from derd import distill
@@ -138,7 +155,7 @@ def distill_flow(params: str = "params.yaml", root: str = ".", only: str | None 
                   lambda cfg, where, unit: distill.run_unit(cfg, where, unit, train=train_student))
 
 
-@flow(name="evaluate", log_prints=True)
+@stage_flow("evaluate")
 def evaluate_flow(params: str = "params.yaml", root: str = ".", shard: str | None = None, merge: bool = False) -> dict:
     """The robustness table, sanity checks and ε-curves, one task per model; the table's numbers also go
     to the parent run. ``shard="i/n"``: only that shard's flags and record (``metrics/eval_shards/``, not
@@ -147,7 +164,6 @@ def evaluate_flow(params: str = "params.yaml", root: str = ".", shard: str | Non
     from derd.report.tables import table_metrics
 
     if shard is not None:
-        signals.stop_on_signals()
         return evaluate.run(config.load(params), Path(root), shard=evaluate.parse_shard(shard))
     if merge:
         return _tracked("evaluate", params, root, lambda cfg, where: evaluate.merge(cfg, where),
@@ -156,16 +172,16 @@ def evaluate_flow(params: str = "params.yaml", root: str = ".", shard: str | Non
                     final_metrics=table_metrics)
 
 
-@flow(name="report", log_prints=True)
+@stage_flow("report")
 def report_flow(params: str = "params.yaml", root: str = ".") -> dict:
     """reports/report.html and reports/report.md."""
     return _tracked("report", params, root, report)
 
 
-@flow(name="pipeline", log_prints=True)
+@stage_flow("pipeline")
 def pipeline_flow(params: str = "params.yaml", root: str = ".") -> dict:
     """The whole DAG as one flow (for Prefect deployments; DVC runs the stage flows one by one)."""
-    return {name: stage_flow(params=params, root=root) for name, stage_flow in FLOWS.items()}
+    return {name: run_stage(params=params, root=root) for name, run_stage in FLOWS.items()}
 
 
 FLOWS = {"teachers": teachers_flow, "warmup": warmup_flow, "distill": distill_flow, "evaluate": evaluate_flow,

@@ -92,30 +92,23 @@ def test_sigterm_stops_a_training_stage_within_seconds_and_keeps_its_state(tmp_p
     assert load_tensors(state)["epoch"] >= 1, "the resume state is intact"
 
 
-def test_stage_flows_answer_sigterm_with_derds_handler_not_prefects(tmp_path, prefect_api):
+def test_stage_flows_answer_sigterm_with_derds_handler_not_prefects(prefect_api):
     """Prefect swaps in its own SIGTERM handler for a flow run; it reports the crash to the server before the
     process may exit, so a stage whose server died with its `dvc repro` hung. Stage flows put derd's back."""
     from prefect import flow
 
     from pipelines import flows
 
-    params = write_params(tmp_path / "params.yaml", {"tracking.enabled": False})
-    seen = []
-
-    @flow
-    def bare():
+    def handler_module() -> str:
         return signal.getsignal(signal.SIGTERM).__module__
-
-    @flow
-    def stage():
-        return flows._tracked("report", str(params), str(tmp_path),
-                              lambda cfg, where: seen.append(signal.getsignal(signal.SIGTERM).__module__) or {})
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        assert bare() == "prefect.utilities.engine"
-        stage()
+        assert flow(handler_module)() == "prefect.utilities.engine"
+        probe = flows.stage_flow("probe")(handler_module)
+        assert probe() == "pipelines.signals"
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
-    assert seen == ["pipelines.signals"]
+    stage_flows = [*flows.FLOWS.values(), flows.pipeline_flow]
+    assert {f.fn.__code__ for f in stage_flows} == {probe.fn.__code__}, "every stage flow is a stage_flow"

@@ -23,14 +23,18 @@ def teacher_predictions(teacher: nn.Module, images: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def diversity(images: torch.Tensor, max_samples: int = DIVERSITY_SAMPLES) -> float:
-    """Mean over pairs i≠j of sqrt(mean_pixels (x_i − x_j)²): 0 for identical samples."""
-    x = images[:max_samples].flatten(1).double().cpu()
+def mean_pairwise_rms(images: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs i≠j of sqrt(mean_pixels (x_i − x_j)²), as a tensor on the images' device (0 for identical
+    samples or fewer than two)."""
+    x = images.flatten(1).double()
     n = len(x)
-    if n < 2:
-        return 0.0
     d = torch.cdist(x, x) / math.sqrt(x.shape[1])
-    return (d.sum() / (n * (n - 1))).item()
+    return d.sum() / max(n * (n - 1), 1)
+
+
+def diversity(images: torch.Tensor, max_samples: int = DIVERSITY_SAMPLES) -> float:
+    """:func:`mean_pairwise_rms` of at most ``max_samples`` samples, as a number."""
+    return mean_pairwise_rms(images[:max_samples].cpu()).item()
 
 
 def class_balance(share: torch.Tensor) -> torch.Tensor:
@@ -46,10 +50,7 @@ def batch_health(images: torch.Tensor, logits: torch.Tensor, other_logits: torch
     images, the fraction of samples whose argmax the two experts agree on."""
     pred = logits.argmax(1)
     share = torch.bincount(pred, minlength=logits.shape[1]).double() / len(pred)
-    x = images.flatten(1).double()
-    pairs = torch.cdist(x, x) / math.sqrt(x.shape[1])
-    out = {"balance": class_balance(share), "top_class_share": share.max(),
-           "diversity": pairs.sum() / max(len(x) * (len(x) - 1), 1)}
+    out = {"balance": class_balance(share), "top_class_share": share.max(), "diversity": mean_pairwise_rms(images)}
     if other_logits is not None:
         out["agree_nat_rob"] = (pred == other_logits.argmax(1)).double().mean()
     return out

@@ -133,6 +133,8 @@ def main() -> None:
 
     stamp("peers: model")
     model, x, y, desc = peers.digits_model(epochs=1 if q else 2)
+    stamp("optimisations: PGD restarts")
+    R["optimisations"]["restarts"] = bench_opts.restarts(model, x, y, 0.05, reps=1 if q else 3)
     stamp("peers: attacks")
     n_att = 64 if q else 128
     R["attacks"] = {"model": desc, **peers.attacks_vs_torchattacks(model, x[:n_att], y[:n_att], 0.05, reps=1 if q else 3)}

@@ -9,6 +9,8 @@ what it measured):
                per stage its wall time (from DVC's "Running stage" lines to the next) and its in-stage
                time (the run record's ``seconds``: the library call); fixed cost = the difference
                (process start, imports, Prefect, MLflow, DVC's hashing and caching).
+- ``imports``  the floor under a stage's fixed cost: a bare interpreter and the imports every Prefect stage
+               pays (torch, Prefect, MLflow with its SQL store, the flows module), each in fresh processes.
 - ``noop``     ``dvc repro`` again with nothing changed.
 - ``sweep``    ``dvc exp run --temp -S <--sweep>`` (default: one more method row) under one server:
                which stages ran, which were skipped or restored from the run-cache, at what cost.
@@ -37,7 +39,7 @@ from typing import Any
 from bench.timing import machine, reference_workload
 
 PROJECT = Path(__file__).resolve().parent.parent
-PHASES = ("full", "noop", "sweep", "rerun", "overhead")
+PHASES = ("full", "imports", "noop", "sweep", "rerun", "overhead")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 COMMAND = re.compile(r"^> .*pipelines\.cli (\w+)(?: --only (\S+))?")
 SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)")
@@ -138,6 +140,22 @@ def fixed_total(run: dict[str, Any]) -> float:
     return run["before_first_stage_s"] + sum(st["fixed_s"] for st in run["stages"])
 
 
+IMPORTS = {"python": "pass", "torch": "import torch", "prefect": "import prefect",
+           "mlflow + SQL store": "import mlflow.store.tracking.sqlalchemy_store",
+           "pipelines.flows (torch, Prefect, derd)": "import pipelines.flows"}
+
+
+def import_floor(work: Path, env: dict[str, str], reps: int = 3) -> dict[str, float]:
+    """Median seconds of ``python -c <import>`` in fresh processes, run in the clone, interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in IMPORTS}
+    for _ in range(reps):
+        for name, code in IMPORTS.items():
+            start = time.monotonic()
+            subprocess.run([sys.executable, "-c", code], cwd=work, env=env, check=True)
+            times[name].append(time.monotonic() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _stage_table(run: dict[str, Any]) -> list[str]:
     lines = ["| stage | wall s | in-stage s | fixed s | fixed share of the stage |", "|---|---|---|---|---|"]
     for st in run["stages"]:
@@ -179,6 +197,11 @@ def render(P: dict[str, Any]) -> list[str]:
           f"the stages and {full['before_first_stage_s']:.0f} s before the first one."
           + ("" if default else " This profile has almost no compute: its run shows the fixed costs alone (the "
              "goals are the default profile's)."), "", *_stage_table(full), ""]
+    if "imports" in P:
+        im, stage_fixed = P["imports"], [st["fixed_s"] for st in full["stages"] if st["in_stage_s"] is not None]
+        L += ["Where a stage's fixed cost goes: fresh `python -c` processes in the clone, median of 3: "
+              + ", ".join(f"{name} {s:.1f} s" for name, s in im.items())
+              + f". The Prefect stages' fixed cost: median {statistics.median(stage_fixed):.1f} s.", ""]
     if "overhead" in P:
         ov = P["overhead"]["median_s"]
         delta = ov["temporary"] - ov["shared"]
@@ -217,7 +240,7 @@ def main() -> None:
     ap.add_argument("--work", help="an existing clone from an earlier run (default: a fresh clone)")
     ap.add_argument("--params", help="a params file committed over the clone's params.yaml first (default: the "
                                      "project's, i.e. the offline default profile)")
-    ap.add_argument("--sweep", default="stage2.methods=[derd,dfad,dfard,dafl]",
+    ap.add_argument("--sweep", default="stage2.methods=[derd,dafl]",
                     help="the -S of the dvc exp run --temp sweep point")
     ap.add_argument("--rerun", default="stage2.lambda_rob=0.5", help="the Stage-II change of the rerun")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the overhead phase")
@@ -250,6 +273,8 @@ def main() -> None:
         ref = reference_workload(count=1000, n=1024, n_threads=2)
         save("reference_workload", ref)
         save("full", run_logged([sys.executable, "-m", "pipelines.cli", "repro"], work, env))
+    if "imports" in phases:
+        save("imports", import_floor(work, env))
     if "noop" in phases:
         save("noop", run_logged(["dvc", "repro"], work, env))
     if "sweep" in phases:

@@ -55,6 +55,30 @@ def test_same_seed_same_result(name, natural, batch):
     assert torch.equal(ATTACKS[name](natural)(x, y), ATTACKS[name](natural)(x, y))
 
 
+def test_restarts_attack_only_survivors_yet_match_attacking_everyone(robust, batch):
+    """Restarts skip the examples already fooled; each example still gets the random start it would get
+    if every restart attacked the whole batch, so the result is the all-examples algorithm's."""
+    x, y = batch
+    pgd = PGD(robust, EPS, steps=3, step_size=EPS / 4, restarts=4, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    starts = [pgd.ascend(x, y, gen) for _ in range(4)]  # every restart on every example
+    expected, fooled = starts[0].clone(), torch.zeros(len(x), dtype=torch.bool)
+    for candidate in starts:
+        now = robust(candidate).argmax(1) != y
+        expected[now & ~fooled] = candidate[now & ~fooled]
+        fooled |= now
+    forwarded: list[int] = []
+    hook = robust.register_forward_hook(lambda module, inputs, output: forwarded.append(len(inputs[0])))
+    try:
+        got = pgd(x, y)
+    finally:
+        hook.remove()
+    assert 0 < fooled.float().mean() < 1, "the check needs fooled and surviving examples"
+    assert sum(forwarded) < 4 * (3 + 1) * len(x), "restarts attacked examples already fooled"
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(robust(got).argmax(1) != y, fooled)
+
+
 def test_different_seed_different_start(natural, batch):
     x, y = batch
     a = PGD(natural, EPS, steps=1, step_size=EPS / 4, seed=0)(x, y)

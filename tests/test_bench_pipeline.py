@@ -63,6 +63,8 @@ def test_the_report_states_the_share_the_budget_multiple_and_the_before_after_ra
     # before: 32 - 8 (no shared server) + 2 Prefect stages x (15 - 5) = 44 s
     assert "fixed cost 44 s before vs 32 s after (**×1.38**)" in text
     assert "**100 s = 10% of the full run**" in text and "Teachers and Stage-I: 0 s (not run)." in text
+    P["imports"] = {"python": 0.1, "torch": 2.0}
+    assert "python 0.1 s, torch 2.0 s. The Prefect stages' fixed cost: median 10.0 s." in "\n".join(bench_pipeline.render(P))
     P["setup"]["params"] = "micro.yaml"  # another profile: the default's goals are not judged
     assert "goal ≤" not in "\n".join(bench_pipeline.render(P))
 

@@ -22,7 +22,7 @@ class PGD(Attack):
 
     Args: eps radius; steps and step_size of signed-gradient ascent; start ``uniform`` (U(-eps, eps)),
     ``zero`` or ``normal`` (x + 0.001·N(0,1)); restarts keep, per example, the first restart that
-    fools the model (or the last one).
+    fools the model (or the first one), and attack only the examples no restart has fooled yet.
     """
 
     start = "uniform"
@@ -49,8 +49,13 @@ class PGD(Attack):
             raise ValueError(f"{type(self).__name__} needs labels")
         return y
 
-    def ascend(self, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def ascend(self, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator | None,
+               only: torch.Tensor | None = None) -> torch.Tensor:
+        """``steps`` signed-gradient steps from a random start; ``only`` (indices) attacks that subset, its
+        start drawn with the whole batch's so that each example sees the same random numbers either way."""
         x_adv = self._init(x, gen)
+        if only is not None:
+            x, target, x_adv = x[only], target[only], x_adv[only]
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             loss = self.loss(self.model(x_adv), target).sum()
@@ -70,12 +75,12 @@ class PGD(Attack):
             for _ in range(self.restarts - 1):
                 if fooled.all():
                     break
-                candidate = self.ascend(x, target, gen)
+                left = (~fooled).nonzero().squeeze(1)
+                candidate = self.ascend(x, target, gen, only=left)
                 with torch.no_grad():
-                    now = self.model(candidate).argmax(1) != y
-                take = now & ~fooled
-                best = torch.where(take.view(-1, 1, 1, 1), candidate, best)
-                fooled |= now
+                    now = self.model(candidate).argmax(1) != y[left]
+                best[left[now]] = candidate[now]
+                fooled[left[now]] = True
         return best
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bench import bench_opts, bench_pipeline, peers, stage2
-from bench.timing import machine, matmul_peak, reference_workload
+from bench.timing import loadavg, machine, matmul_peak, reference_workload
 
 HERE = Path(__file__).resolve().parent
 # written by `python -m bench.bench_pipeline` (their own, long runs): the default profile, and the tests' micro
@@ -155,7 +155,7 @@ def main() -> None:
     stamp("derd --help")
     R["help"] = help_time(3 if q else 5)
     R["total_bench_s"] = time.monotonic() - t_start
-    R["machine"]["loadavg_at_end"] = machine(a.threads)["loadavg_at_start"]
+    R["machine"]["loadavg_at_end"] = loadavg()
     R["pipeline"] = pipeline_results()
     stamp("writing results")
     out = Path(a.out)

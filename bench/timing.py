@@ -69,12 +69,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(threads_used: int) -> dict[str, Any]:
+def loadavg() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, rounded (NaN where the OS has none)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return [round(x, 2) for x in load]
+
+
+def machine(threads_used: int) -> dict[str, Any]:
     return {
         "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads_used": threads_used,
         "torch": torch.__version__, "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available()
-        else "cpu", "python": platform.python_version(), "loadavg_at_start": [round(x, 2) for x in load],
+        else "cpu", "python": platform.python_version(), "loadavg_at_start": loadavg(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
     }
 

@@ -176,6 +176,12 @@ def _stopped(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in STAGES and (path := os.environ.get("DERD_WARM_SOCKET")) and not os.environ.get("DERD_TRACE_READS"):
+        from pipelines import warm  # `derd repro` started a warm process: the stage runs there, imports done
+
+        code = warm.forward(sys.argv[1:] if argv is None else argv, path)
+        if code is not None:
+            return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s%(run)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_run_name)

@@ -3,8 +3,9 @@
 Without ``PREFECT_API_URL`` every stage command starts Prefect's temporary server (10-15 s each).
 :func:`server` starts ``prefect server start`` once on a free local port, waits until its API answers
 and stops it (its whole process group) on the way out, on success, error or signal alike;
-:func:`repro` runs ``dvc repro`` (or any command) with ``PREFECT_API_URL`` pointing at it. A
-``PREFECT_API_URL`` already set is used as it is: no server is started.
+:func:`repro` runs ``dvc repro`` (or any command) with ``PREFECT_API_URL`` pointing at it, and with a
+warm process (``pipelines.warm``) that spares every stage its imports. A ``PREFECT_API_URL`` already
+set is used as it is: no server is started.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 
 class ReproError(RuntimeError):
@@ -116,18 +117,30 @@ def _wait_forwarding_sigterm(child: subprocess.Popen) -> int:
 
 
 def repro(args: Sequence[str], run: Sequence[str] = ("dvc", "repro"), command: Sequence[str] | None = None,
-          timeout: float = 120.0) -> int:
-    """``dvc repro <args>`` (or ``run + args``) with one Prefect server shared by every stage; its exit status."""
+          timeout: float = 120.0, preload: Sequence[str] | None = None) -> int:
+    """``dvc repro <args>`` (or ``run + args``) with one Prefect server and one warm process (``pipelines.warm``,
+    importing ``preload``) shared by every stage; its exit status."""
+    from pipelines import warm
+
     env = dict(os.environ)
-    if env.get("PREFECT_API_URL", "").strip():
+    stages_env = dict(env)
+    own_server = not env.get("PREFECT_API_URL", "").strip()
+    if own_server:
+        port = free_port()
+        stages_env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    else:
         print(f"derd repro: using the Prefect server at PREFECT_API_URL={env['PREFECT_API_URL']}", file=sys.stderr)
-        return _wait_forwarding_sigterm(subprocess.Popen([*run, *args]))
-    start = time.monotonic()
-    with server(command=command, timeout=timeout, env=env) as url:
-        print(f"derd repro: Prefect server at {url} (UI {url[:-4]}) started in {time.monotonic() - start:.1f} s; "
-              "it stops when the run ends", file=sys.stderr, flush=True)
+    with ExitStack() as stack:
+        if warm.enabled(env):  # its imports run while the server starts
+            stages_env[warm.SOCKET_ENV] = stack.enter_context(
+                warm.process(stages_env, warm.PRELOAD if preload is None else preload))
+        if own_server:
+            start = time.monotonic()
+            url = stack.enter_context(server(command=command, port=port, timeout=timeout, env=env))
+            print(f"derd repro: Prefect server at {url} (UI {url[:-4]}) started in {time.monotonic() - start:.1f} s; "
+                  "it stops when the run ends", file=sys.stderr, flush=True)
         try:
-            child = subprocess.Popen([*run, *args], env={**env, "PREFECT_API_URL": url})
+            child = subprocess.Popen([*run, *args], env=stages_env)
         except FileNotFoundError:
             raise ReproError(f"`{run[0]}` not found on PATH: install DVC (pip install -e .) or activate "
                               "the project's virtual environment") from None

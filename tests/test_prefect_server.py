@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli, prefect_server
+from pipelines import cli, prefect_server, warm
 
 FAKE_SERVER = """
 import http.server, os, sys
@@ -53,6 +53,7 @@ def alive(pid: int) -> bool:
 def fake(tmp_path, monkeypatch):
     """A stand-in server on a fixed free port, and a stand-in `dvc repro` (exit status, seconds to sleep)."""
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(warm.SWITCH_ENV, "0")  # the warm process has its own tests (test_warm.py)
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     port, starts, seen = prefect_server.free_port(), tmp_path / "starts.log", tmp_path / "seen.json"
     monkeypatch.setattr(prefect_server, "free_port", lambda: port)
@@ -98,6 +99,7 @@ def test_sigterm_reaches_the_run_and_the_server_still_stops(fake):
 
 def test_a_server_that_dies_is_a_clear_error_and_nothing_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv(warm.SWITCH_ENV, "0")
     seen = tmp_path / "seen.json"
     dead = [sys.executable, "-c", "import sys; print('database is locked'); sys.exit(1)"]
     with pytest.raises(prefect_server.ReproError, match=r"exited with status 1(.|\n)*database is locked"):

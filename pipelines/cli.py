@@ -176,8 +176,9 @@ def _stopped(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # `derd repro` started a warm process (pipelines/warm.py): the stage runs there, its imports done
     if args.command in STAGES and (path := os.environ.get("DERD_WARM_SOCKET")) and not os.environ.get("DERD_TRACE_READS"):
-        from pipelines import warm  # `derd repro` started a warm process: the stage runs there, imports done
+        from pipelines import warm
 
         code = warm.forward(sys.argv[1:] if argv is None else argv, path)
         if code is not None:

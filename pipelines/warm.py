@@ -112,7 +112,7 @@ def _child(request: dict, fds: list[int]) -> int:
         return _run_child(request, fds)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (reported as Python would, as the exit status)
         traceback.print_exc()
         return 1
 

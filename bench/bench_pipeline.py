@@ -15,8 +15,8 @@ what it measured):
 - ``sweep``    ``dvc exp run --temp -S <--sweep>`` (default: one more method row) under one server:
                which stages ran, which were skipped or restored from the run-cache, at what cost.
 - ``rerun``    ``derd repro`` after ``<--rerun>`` (default: a Stage-II weight): the Stage-II-only rerun.
-- ``overhead`` the report stage's fixed cost with a temporary server vs the shared one, interleaved
-               (before/after of ``derd repro``).
+- ``overhead`` the report stage's fixed cost with a temporary server, the shared one, and the shared one
+               plus the warm process (``pipelines.warm``), interleaved (before/after of ``derd repro``).
 
     python -m bench.bench_pipeline                         # all phases, writes bench/pipeline.json
     python -m bench.bench_pipeline --phases overhead --work /tmp/derd-pipeline-xxxx
@@ -117,19 +117,37 @@ def set_param(work: Path, assignment: str) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+MODES = ("temporary", "shared", "shared + warm")
+
+
 def fixed_cost_modes(work: Path, env: dict[str, str], reps: int) -> dict[str, Any]:
-    """The report stage's fixed cost (wall - in-stage) with a temporary Prefect server vs a shared one,
-    interleaved temp, shared, temp, ... (the shared server is started once, outside the timing)."""
+    """The report stage's fixed cost (wall - in-stage) with a temporary Prefect server, with a shared one, and
+    with a shared one and the warm process (``pipelines.warm``), interleaved (the shared server and the warm
+    process are started once, outside the timing)."""
+    from pipelines import warm
+    from pipelines.cli import prefect_environment
     from pipelines.prefect_server import server
 
     cmd = [sys.executable, "-m", "pipelines.cli", "report"]
-    out: dict[str, list[float]] = {"temporary": [], "shared": []}
-    with server(env={**env, "PREFECT_HOME": str(work / ".prefect")}) as url:
-        for _ in range(reps):
-            for mode, extra in (("temporary", {}), ("shared", {"PREFECT_API_URL": url})):
-                start = time.monotonic()
-                subprocess.run(cmd, cwd=work, env={**env, **extra}, check=True, capture_output=True)
-                out[mode].append(time.monotonic() - start - record(work, "report", None))
+    out: dict[str, list[float]] = {mode: [] for mode in MODES}
+    env = {**env, "PREFECT_HOME": str(work / ".prefect")}
+    with server(env=env) as url:
+        saved = dict(os.environ)
+        try:  # the stages' Prefect defaults, as the CLI sets them before Prefect is imported
+            os.environ.update(env)
+            prefect_environment(work)
+            stages_env = {**os.environ, "PREFECT_API_URL": url}
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        with warm.process(stages_env, cwd=work) as socket_path:
+            extra = {"temporary": {}, "shared": {"PREFECT_API_URL": url},
+                     "shared + warm": {"PREFECT_API_URL": url, warm.SOCKET_ENV: socket_path}}
+            for _ in range(reps):
+                for mode in MODES:
+                    start = time.monotonic()
+                    subprocess.run(cmd, cwd=work, env={**env, **extra[mode]}, check=True, capture_output=True)
+                    out[mode].append(time.monotonic() - start - record(work, "report", None))
     return {"stage": "report", "reps": reps, "fixed_s": out,
             "median_s": {k: statistics.median(v) for k, v in out.items()}}
 
@@ -203,17 +221,31 @@ def render(P: dict[str, Any]) -> list[str]:
               + ", ".join(f"{name} {s:.1f} s" for name, s in im.items())
               + f". The Prefect stages' fixed cost: median {statistics.median(stage_fixed):.1f} s.", ""]
     if "overhead" in P:
-        ov = P["overhead"]["median_s"]
-        delta = ov["temporary"] - ov["shared"]
-        before = fixed - (full["server_start_s"] or 0) + prefect_stages * delta
-        before_total = total - fixed + before
-        L += [f"Before/after one server: the report stage's fixed cost, {P['overhead']['reps']} interleaved runs each, "
-              f"median: temporary server per command {ov['temporary']:.1f} s, shared server {ov['shared']:.1f} s "
-              f"(×{ov['temporary'] / ov['shared']:.2f}). Over the {prefect_stages} Prefect stages of the run that is "
-              f"{prefect_stages * delta:.0f} s saved for one {full['server_start_s'] or 0:.0f} s server start: fixed cost "
-              f"{before:.0f} s before vs {fixed:.0f} s after (**×{before / fixed:.2f}**), {100 * before / before_total:.1f}% "
-              f"vs {100 * fixed / total:.1f}% of the run (before: projected from this run's stages plus the measured "
-              "difference per stage).", ""]
+        ov, reps = P["overhead"]["median_s"], P["overhead"]["reps"]
+        if "shared + warm" in ov:  # the run above had the warm process: the before is a run without it
+            stage_commands = len(full["stages"])  # inputs too: every stage command is forked warm
+            saved = stage_commands * (ov["shared"] - ov["shared + warm"])
+            before, before_total = fixed + saved, total + saved
+            L += [f"Before/after the warm process (`pipelines.warm`): the report stage's fixed cost, {reps} interleaved "
+                  f"runs each, median: temporary server per command {ov['temporary']:.1f} s, shared server "
+                  f"{ov['shared']:.1f} s, shared server + warm process **{ov['shared + warm']:.1f} s** "
+                  f"(×{ov['shared'] / ov['shared + warm']:.2f} over the shared server alone, "
+                  f"×{ov['temporary'] / ov['shared + warm']:.2f} over a temporary server). Over the {stage_commands} stage "
+                  f"commands of the run that is {saved:.0f} s: fixed cost {before:.0f} s before vs {fixed:.0f} s after "
+                  f"(**×{before / fixed:.2f}**), {100 * before / before_total:.1f}% vs {100 * fixed / total:.1f}% of the "
+                  "run (before: this run's stages plus the measured difference per stage; the warm process starts "
+                  "while the server does).", ""]
+        else:
+            delta = ov["temporary"] - ov["shared"]
+            before = fixed - (full["server_start_s"] or 0) + prefect_stages * delta
+            before_total = total - fixed + before
+            L += [f"Before/after one server: the report stage's fixed cost, {reps} interleaved runs each, "
+                  f"median: temporary server per command {ov['temporary']:.1f} s, shared server {ov['shared']:.1f} s "
+                  f"(×{ov['temporary'] / ov['shared']:.2f}). Over the {prefect_stages} Prefect stages of the run that is "
+                  f"{prefect_stages * delta:.0f} s saved for one {full['server_start_s'] or 0:.0f} s server start: fixed "
+                  f"cost {before:.0f} s before vs {fixed:.0f} s after (**×{before / fixed:.2f}**), "
+                  f"{100 * before / before_total:.1f}% vs {100 * fixed / total:.1f}% of the run (before: projected from "
+                  "this run's stages plus the measured difference per stage).", ""]
     if "noop" in P:
         L += [f"`dvc repro` with nothing changed: {P['noop']['total_s']:.1f} s "
               f"({', '.join(st['stage'] for st in P['noop']['stages']) or 'no stage'} ran).", ""]

@@ -211,9 +211,9 @@ def _connect(path: Path, timeout: float) -> socket.socket | None:
 # ---------------------------------------------------------------- derd repro's side
 
 @contextmanager
-def process(env: Mapping[str, str], preload: Sequence[str] = PRELOAD) -> Iterator[str]:
-    """A warm process for the block, started with ``env`` (the stages' environment); yields its socket path
-    and stops it (its process group) on the way out."""
+def process(env: Mapping[str, str], preload: Sequence[str] = PRELOAD, cwd: str | Path | None = None) -> Iterator[str]:
+    """A warm process for the block, started in ``cwd`` (the project whose code the stages run; default: here)
+    with ``env`` (the stages' environment); yields its socket path and stops it (its process group) on the way out."""
     from pipelines.prefect_server import stop
 
     folder = Path(tempfile.mkdtemp(prefix="derd-warm-"))
@@ -221,7 +221,7 @@ def process(env: Mapping[str, str], preload: Sequence[str] = PRELOAD) -> Iterato
     with open(folder / "log", "wb") as log:
         child = subprocess.Popen([sys.executable, "-m", "pipelines.warm", str(path), *preload], env=dict(env),
                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+                                 cwd=cwd, start_new_session=True)
         try:
             yield str(path)
         finally:

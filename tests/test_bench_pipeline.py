@@ -63,6 +63,12 @@ def test_the_report_states_the_share_the_budget_multiple_and_the_before_after_ra
     # before: 32 - 8 (no shared server) + 2 Prefect stages x (15 - 5) = 44 s
     assert "fixed cost 44 s before vs 32 s after (**×1.38**)" in text
     assert "**100 s = 10% of the full run**" in text and "Teachers and Stage-I: 0 s (not run)." in text
+    P["overhead"]["median_s"]["shared + warm"] = 3.0  # the run had the warm process: the before is one without
+    warm = "\n".join(bench_pipeline.render(P))
+    # 3 stage commands x (5 - 3) s = 6 s: before 38 s of 1006 s
+    assert "shared server + warm process **3.0 s** (×1.67 over the shared server alone" in warm
+    assert "fixed cost 38 s before vs 32 s after (**×1.19**), 3.8% vs 3.2% of the run" in warm
+    del P["overhead"]["median_s"]["shared + warm"]
     P["imports"] = {"python": 0.1, "torch": 2.0}
     assert "python 0.1 s, torch 2.0 s. The Prefect stages' fixed cost: median 10.0 s." in "\n".join(bench_pipeline.render(P))
     P["setup"]["params"] = "micro.yaml"  # another profile: the default's goals are not judged

@@ -129,6 +129,7 @@ def _run_child(request: dict, fds: list[int]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from pipelines import cli
 
+    print(f"derd {request['argv'][0]}: forked from the warm process (imports done)", file=sys.stderr, flush=True)
     return cli.main(request["argv"])
 
 

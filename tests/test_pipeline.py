@@ -141,9 +141,11 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
     assert dry({"data.root": "elsewhere", "data.download": True, "device": "auto"}) == ["report"], \
         "where the data lives and the device are not inputs of the numbers"
 
-    # A Stage-II change: distill, evaluate and report rerun; teachers and warm-up come from the cache.
+    # A Stage-II change: distill, evaluate and report rerun; teachers and warm-up come from the cache. Run as
+    # `derd repro`: every stage command is forked from its warm process (pipelines/warm.py).
     write_params(root / "params.yaml", {"stage2.lambda_rob": 1.0})
-    out = _run(["dvc", "repro"], root, env)
+    out = _run([sys.executable, "-m", "pipelines.cli", "repro"], root, env)
+    assert out.count("forked from the warm process") == len(_ran(out)) >= 4, out[-3000:]
     assert "Stage 'teachers' didn't change, skipping" in out
     assert "Stage 'warmup@natural' didn't change, skipping" in out
     assert "Running stage 'distill@derd-0'" in out and "Running stage 'report'" in out

@@ -31,7 +31,8 @@ UNITS = {  # stages that DVC runs once per unit (foreach / matrix in dvc.yaml)
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 EPILOG = """\
 usual entry points:
-  derd repro [ARGS]         `dvc repro ARGS` with one Prefect server for all its stages (stopped at the end)
+  derd repro [ARGS]         `dvc repro ARGS` with one Prefect server and one warm process for all its stages
+                            (each stage forked with torch, Prefect and MLflow imported; DERD_WARM=0: off)
   dvc repro                 run the stages that are out of date (each is `derd <stage>`)
   dvc exp run --temp -S stage2.lambda_rob=1     one experiment, Stage-I reused from the cache
   derd ui                   browse the MLflow runs at http://127.0.0.1:5000
@@ -63,9 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                                   "and AutoAttack chunks c ≡ I (mod N); writes metrics/eval_shards/, not metrics/eval.json")
             how.add_argument("--merge", action="store_true",
                              help="combine the N shards' per-example flags into exactly the unsharded outputs")
-    rp = sub.add_parser("repro", help="dvc repro with one Prefect server shared by every stage",
-                        description="start one Prefect server, run `dvc repro ARGS` with PREFECT_API_URL set to it, "
-                                    "stop the server (also on failure or Ctrl-C); with PREFECT_API_URL already set, "
+    rp = sub.add_parser("repro", help="dvc repro with one Prefect server and one warm process shared by every stage",
+                        description="start one Prefect server and one warm process (every stage command is forked "
+                                    "from it, its imports done; DERD_WARM=0 turns it off), run `dvc repro ARGS` with "
+                                    "PREFECT_API_URL set to the server, stop both (also on failure or Ctrl-C); with "
+                                    "PREFECT_API_URL already set, "
                                     "use that server. Exit status: dvc's.")
     rp.add_argument("dvc_args", nargs=argparse.REMAINDER, metavar="ARGS", help="passed to dvc repro")
     pre = sub.add_parser("preset", help="copy presets/NAME.yaml over params.yaml", description="switch profile")

@@ -9,8 +9,10 @@ as :func:`pipelines.cli.main` would (every stage a fresh copy of the warm interp
 state), and relays the child's exit status. SIGINT and SIGTERM sent to the stage command reach the child.
 
 Only imports are shared, never work: the warm process runs no torch op, starts no thread (it checks: a
-fork would copy a thread's locks) and opens no connection. Where it cannot start, a stage command says
-so and runs in its own process as before; ``DERD_WARM=0`` turns it off.
+fork would copy a thread's locks) and opens no connection. It starts with the stages' environment, so what
+is read at import time (OMP_NUM_THREADS, Prefect's settings) is what a fresh stage process would read.
+Where it cannot start, a stage command says so and runs in its own process as before; ``DERD_WARM=0``
+turns it off.
 """
 from __future__ import annotations
 

@@ -125,21 +125,14 @@ def fixed_cost_modes(work: Path, env: dict[str, str], reps: int) -> dict[str, An
     with a shared one and the warm process (``pipelines.warm``), interleaved (the shared server and the warm
     process are started once, outside the timing)."""
     from pipelines import warm
-    from pipelines.cli import prefect_environment
+    from pipelines.cli import prefect_defaults
     from pipelines.prefect_server import server
 
     cmd = [sys.executable, "-m", "pipelines.cli", "report"]
     out: dict[str, list[float]] = {mode: [] for mode in MODES}
     env = {**env, "PREFECT_HOME": str(work / ".prefect")}
-    with server(env=env) as url:
-        saved = dict(os.environ)
-        try:  # the stages' Prefect defaults, as the CLI sets them before Prefect is imported
-            os.environ.update(env)
-            prefect_environment(work)
-            stages_env = {**os.environ, "PREFECT_API_URL": url}
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+    with server(env=env) as url:  # the warm process imports Prefect with the settings the stages get
+        stages_env = {**prefect_defaults(work), **env, "PREFECT_API_URL": url}
         with warm.process(stages_env, cwd=work) as socket_path:
             extra = {"temporary": {}, "shared": {"PREFECT_API_URL": url},
                      "shared + warm": {"PREFECT_API_URL": url, warm.SOCKET_ENV: socket_path}}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines import signals
+from pipelines import signals, warm
 
 if TYPE_CHECKING:
     from derd.config import Config
@@ -123,18 +123,22 @@ def _preset(name: str, params: str) -> int:
     return 0
 
 
-def prefect_environment(root: str | Path) -> None:
-    """Defaults for Prefect (set before it is imported; a user's own settings win): no telemetry (there
-    may be no network), a patient temporary server (the default 20 s startup fails on slow machines),
-    PREFECT_HOME in the project, and the library's ``derd`` log lines shipped to the Prefect UI."""
-    defaults = {
+def prefect_defaults(root: str | Path) -> dict[str, str]:
+    """Defaults for Prefect (a user's own settings win): no telemetry (there may be no network), a patient
+    temporary server (the default 20 s startup fails on slow machines), PREFECT_HOME in the project, and
+    the library's ``derd`` log lines shipped to the Prefect UI."""
+    return {
         "PREFECT_HOME": str(Path(root).resolve() / ".prefect"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "derd",
     }
-    for key, value in defaults.items():
+
+
+def prefect_environment(root: str | Path) -> None:
+    """:func:`prefect_defaults` into this process's environment, before Prefect is imported."""
+    for key, value in prefect_defaults(root).items():
         os.environ.setdefault(key, value)
 
 
@@ -180,9 +184,7 @@ def _stopped(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # `derd repro` started a warm process (pipelines/warm.py): the stage runs there, its imports done
-    if args.command in STAGES and (path := os.environ.get("DERD_WARM_SOCKET")) and not os.environ.get("DERD_TRACE_READS"):
-        from pipelines import warm
-
+    if args.command in STAGES and (path := os.environ.get(warm.SOCKET_ENV)) and not os.environ.get("DERD_TRACE_READS"):
         code = warm.forward(sys.argv[1:] if argv is None else argv, path)
         if code is not None:
             return code

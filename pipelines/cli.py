@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines import signals, warm
+from pipelines import signals
 
 if TYPE_CHECKING:
     from derd.config import Config
@@ -184,7 +184,10 @@ def _stopped(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # `derd repro` started a warm process (pipelines/warm.py): the stage runs there, its imports done
-    if args.command in STAGES and (path := os.environ.get(warm.SOCKET_ENV)) and not os.environ.get("DERD_TRACE_READS"):
+    # (the variable is warm.SOCKET_ENV; warm is imported only then: it is no code a stage's outputs depend on)
+    if args.command in STAGES and (path := os.environ.get("DERD_WARM_SOCKET")) and not os.environ.get("DERD_TRACE_READS"):
+        from pipelines import warm
+
         code = warm.forward(sys.argv[1:] if argv is None else argv, path)
         if code is not None:
             return code

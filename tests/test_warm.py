@@ -61,6 +61,10 @@ def test_sigterm_to_the_stage_command_reaches_the_child(env, tmp_path):
         assert time.monotonic() - start < 10
 
 
+def test_the_cli_reads_the_warm_socket_under_its_name():
+    assert f'os.environ.get("{warm.SOCKET_ENV}")' in (ROOT / "pipelines" / "cli.py").read_text()
+
+
 def test_without_a_warm_process_the_command_says_so_and_runs_itself(env, tmp_path, capsys):
     (tmp_path / "starting").mkdir()
     assert warm.forward(["report"], str(tmp_path / "starting" / "socket"), timeout=0.3) is None

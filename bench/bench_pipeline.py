@@ -101,6 +101,18 @@ def shared(cmd: str, *args: str) -> list[str]:
     return [sys.executable, "-c", SHARED_SERVER, cmd, *args]
 
 
+def committed_params(path: str) -> str:
+    """``path`` relative to the project, refusing a file git does not track (its numbers could not be regenerated)."""
+    full = Path(path).resolve()
+    rel = full.relative_to(PROJECT) if full.is_relative_to(PROJECT) else None
+    tracked = rel is not None and subprocess.run(["git", "ls-files", "--error-unmatch", str(rel)], cwd=PROJECT,
+                                                 capture_output=True, check=False).returncode == 0
+    if not tracked:
+        raise SystemExit(f"--params {path}: not a file committed in {PROJECT}; commit it first, so that the "
+                         "numbers measured on it can be regenerated")
+    return str(rel)
+
+
 def set_param(work: Path, assignment: str) -> None:
     """``key.path=yaml-value`` written into the clone's params.yaml (then committed there)."""
     import yaml
@@ -263,8 +275,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--work", help="an existing clone from an earlier run (default: a fresh clone)")
-    ap.add_argument("--params", help="a params file committed over the clone's params.yaml first (default: the "
-                                     "project's, i.e. the offline default profile)")
+    ap.add_argument("--params", help="a params file committed in the project (e.g. presets/digits.yaml), copied "
+                                     "over the clone's params.yaml first (default: params.yaml, the offline default)")
     ap.add_argument("--sweep", default="stage2.methods=[derd,dafl]",
                     help="the -S of the dvc exp run --temp sweep point")
     ap.add_argument("--rerun", default="stage2.lambda_rob=0.5", help="the Stage-II change of the rerun")
@@ -275,6 +287,7 @@ def main() -> None:
     env = environment()
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
     out = Path(a.out)
+    params = committed_params(a.params) if a.params else None
     R: dict[str, Any] = json.loads(out.read_text()) if a.work and out.exists() else {}
 
     def save(name: str, value: Any) -> None:
@@ -287,13 +300,13 @@ def main() -> None:
     else:
         work = Path(tempfile.mkdtemp(prefix="derd-pipeline-")) / "derd"
         subprocess.run(["git", "clone", "-q", str(PROJECT), str(work)], check=True)
-        if a.params:
-            (work / "params.yaml").write_text(Path(a.params).read_text(encoding="utf-8"), encoding="utf-8")
-            subprocess.run([*git, "commit", "-qam", f"bench: params from {a.params}"], cwd=work, check=True)
+        if params:
+            (work / "params.yaml").write_text((work / params).read_text(encoding="utf-8"), encoding="utf-8")
+            subprocess.run([*git, "commit", "-qam", f"bench: params from {params}"], cwd=work, check=True)
         save("setup", {"work": str(work), "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=work, capture_output=True, text=True, check=True).stdout.strip(),
             "machine": machine(threads_used=0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "params": a.params or "params.yaml (the offline default)"})
+            "params": params or "params.yaml (the offline default)"})
     if "full" in phases:
         ref = reference_workload(count=1000, n=1024, n_threads=2)
         save("reference_workload", ref)

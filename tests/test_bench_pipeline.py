@@ -83,3 +83,12 @@ def test_a_sweep_that_reran_a_teacher_says_so():
                    "stages": [stage("teachers", 50.0, 49.0)]}}
     assert "Teachers and Stage-I: RAN (teachers)." in "\n".join(bench_pipeline.render(P))
 
+
+
+def test_only_a_committed_params_file_can_be_benchmarked(tmp_path):
+    assert bench_pipeline.committed_params(str(bench_pipeline.PROJECT / "presets" / "digits.yaml")) == \
+        "presets/digits.yaml"
+    loose = tmp_path / "micro.yaml"
+    loose.write_text("data: {}\n")
+    with pytest.raises(SystemExit, match=r"micro\.yaml: not a file committed"):
+        bench_pipeline.committed_params(str(loose))

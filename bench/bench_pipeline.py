@@ -102,12 +102,12 @@ def shared(cmd: str, *args: str) -> list[str]:
 
 
 def committed_params(path: str) -> str:
-    """``path`` relative to the project, refusing a file git does not track (its numbers could not be regenerated)."""
+    """``path`` relative to the project, refusing a file HEAD does not hold: the fresh clone would lack it, and
+    numbers measured on it could not be regenerated."""
     full = Path(path).resolve()
     rel = full.relative_to(PROJECT) if full.is_relative_to(PROJECT) else None
-    tracked = rel is not None and subprocess.run(["git", "ls-files", "--error-unmatch", str(rel)], cwd=PROJECT,
-                                                 capture_output=True, check=False).returncode == 0
-    if not tracked:
+    if rel is None or subprocess.run(["git", "cat-file", "-e", f"HEAD:{rel}"], cwd=PROJECT,
+                                     capture_output=True, check=False).returncode != 0:
         raise SystemExit(f"--params {path}: not a file committed in {PROJECT}; commit it first, so that the "
                          "numbers measured on it can be regenerated")
     return str(rel)

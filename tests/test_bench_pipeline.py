@@ -84,7 +84,6 @@ def test_a_sweep_that_reran_a_teacher_says_so():
     assert "Teachers and Stage-I: RAN (teachers)." in "\n".join(bench_pipeline.render(P))
 
 
-
 def test_only_a_committed_params_file_can_be_benchmarked(tmp_path):
     assert bench_pipeline.committed_params(str(bench_pipeline.PROJECT / "presets" / "digits.yaml")) == \
         "presets/digits.yaml"
@@ -92,3 +91,10 @@ def test_only_a_committed_params_file_can_be_benchmarked(tmp_path):
     loose.write_text("data: {}\n")
     with pytest.raises(SystemExit, match=r"micro\.yaml: not a file committed"):
         bench_pipeline.committed_params(str(loose))
+    inside = bench_pipeline.PROJECT / "bench" / f"uncommitted-{tmp_path.name}.yaml"  # in the project, not in HEAD
+    inside.write_text("data: {}\n")
+    try:
+        with pytest.raises(SystemExit, match="not a file committed"):
+            bench_pipeline.committed_params(str(inside))
+    finally:
+        inside.unlink()

@@ -1,6 +1,6 @@
 """What AutoAttack's last two attacks add: for every standard-version AutoAttack record in a flag store, the
 points FAB-T and Square change after APGD-CE + APGD-T, and their share of AutoAttack's time. This is the
-evidence behind the default's ``eval.autoattack.version: custom`` (the sweeps' tables keep ``standard``).
+evidence behind the default's ``eval.autoattack.version: standard-apgd`` (the sweeps' tables keep ``standard``).
 
     python -m bench.aa_attacks [artifacts/eval_flags]
 

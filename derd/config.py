@@ -257,7 +257,7 @@ AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 class AutoAttackCfg(Section):
-    version: Literal["standard", "custom"] = "standard"
+    version: Literal["standard", "standard-apgd", "custom"] = "standard"  # derd.evaluation.autoattack.AutoAttack
     attacks: list[Literal[AA_ATTACKS]] = Field(["apgd-ce", "apgd-t"], min_length=1)  # used when version is custom
     batch_size: int = Field(256, ge=1)
     n_examples: int | None = Field(None, ge=1)  # AA on the first n evaluated examples (None: all of them)

@@ -10,6 +10,7 @@ import torch
 from eval_models import EPS, eval_batch, tiny_model
 
 from derd.attacks import CW, FGSM, KLPGD, PGD, margin_loss, robust_flags
+from derd.attacks.base import eval_mode
 from derd.evaluation.autoattack import AutoAttack, AutoAttackError, backend
 
 ATTACKS = {
@@ -146,6 +147,24 @@ def test_pgd20_close_to_apgd_ce_and_aa_is_worst_case(robust):
     assert 0.1 < aa.accuracy, "the fixture should keep some robust accuracy, else this test proves nothing"
     assert all(aa.accuracy <= acc for acc in singles.values()), (aa.accuracy, singles)
     assert aa.package in ("pyautoattack", "autoattack") and aa.package_version
+
+
+def test_standard_apgd_is_the_standard_versions_first_two_attacks(robust):
+    """The default's AA: the standard version's APGD-CE (1 restart) and APGD-T (9 targets), not the official
+    custom version's defaults (APGD-CE with 5 restarts, ~4x the cost), and the same flags as the official
+    standard object cut to those two attacks."""
+    x, y = eval_batch(24)
+    ours = AutoAttack(robust, EPS, version="standard-apgd", seed=0, package="pyautoattack")
+    official = ours._official()
+    assert ours.attacks == ["apgd-ce", "apgd-t"]
+    assert (official.apgd.n_restarts, official.apgd_targeted.n_target_classes) == (1, 9)
+    custom = AutoAttack(robust, EPS, version="custom", attacks=["apgd-ce"], seed=0)._official()
+    assert custom.apgd.n_restarts == 5
+    official.attacks_to_run = ["apgd-ce", "apgd-t"]
+    official.verbose = False
+    with eval_mode(robust):
+        _, y_official = official.run_standard_evaluation(x, y, batch_size=256)
+    assert torch.equal(ours.run(x, y).robust, y_official == y)
 
 
 class Interrupt(Exception):

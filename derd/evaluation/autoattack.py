@@ -31,6 +31,7 @@ from derd.artifacts import read_json, write_json
 from derd.attacks.base import eval_mode, model_device, robust_flags
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+VERSIONS = {"standard": STANDARD, "standard-apgd": STANDARD[:2], "custom": None}  # None: the attacks given
 KNOWN = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
@@ -65,7 +66,7 @@ class AutoAttackResult:
     warnings: list[str]
     package: str
     package_version: str
-    version: str  # standard | custom
+    version: str  # standard | standard-apgd | custom
     attacks: list[str]
 
     @property
@@ -99,7 +100,10 @@ def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **settings) 
 class AutoAttack:
     """Run AutoAttack (L-inf, inputs in [0,1]) on ``model``.
 
-    Args: eps; version ``standard`` (APGD-CE, APGD-T, FAB-T, Square) or ``custom`` with ``attacks``;
+    Args: eps; version ``standard`` (APGD-CE, APGD-T, FAB-T, Square), ``standard-apgd`` (the standard
+    version's first two attacks with its hyperparameters: APGD-CE with 1 restart, APGD-T on 9 targets) or
+    ``custom`` with ``attacks`` (the official custom version: the constructors' defaults, e.g. APGD-CE with 5
+    restarts);
     seed; batch_size; state_path (JSON written after every attack; a rerun with the same model,
     examples and settings resumes); package ``auto`` | ``pyautoattack`` | ``autoattack``;
     square_queries overrides Square's query budget (None: the version's own, 5000).
@@ -108,9 +112,9 @@ class AutoAttack:
     def __init__(self, model: nn.Module, eps: float, version: str = "standard", attacks: list[str] | None = None,
                  seed: int = 0, batch_size: int = 256, state_path: str | Path | None = None,
                  package: str = "auto", square_queries: int | None = None):
-        if version not in ("standard", "custom"):
-            raise AutoAttackError(f"eval.autoattack.version: must be standard or custom, got {version!r}")
-        attacks = list(STANDARD) if version == "standard" else list(attacks or [])
+        if version not in VERSIONS:
+            raise AutoAttackError(f"eval.autoattack.version: must be one of {list(VERSIONS)}, got {version!r}")
+        attacks = list(VERSIONS[version] or attacks or [])
         unknown = [a for a in attacks if a not in KNOWN]
         if unknown or not attacks:
             raise AutoAttackError(f"eval.autoattack.attacks: {unknown or 'empty'}; choose from {list(KNOWN)}")
@@ -122,12 +126,14 @@ class AutoAttack:
     def _official(self) -> object:
         """The official object with the version's per-attack hyperparameters."""
         device = model_device(self.model)
+        custom = self.version == "custom"
+        version = "custom" if custom else "standard"  # standard-apgd: the standard object, its first two attacks
         if self.package == "pyautoattack":
-            kw = {"attacks": self.attacks} if self.version == "custom" else {}
-            aa = self.cls(self.model, eps=self.eps, norm="Linf", seed=self.seed, version=self.version, device=device, **kw)
+            kw = {"attacks": self.attacks} if custom else {}
+            aa = self.cls(self.model, eps=self.eps, norm="Linf", seed=self.seed, version=version, device=device, **kw)
         else:
-            aa = self.cls(self.model, norm="Linf", eps=self.eps, seed=self.seed, version=self.version,
-                          attacks_to_run=self.attacks if self.version == "custom" else [], device=device, verbose=False)
+            aa = self.cls(self.model, norm="Linf", eps=self.eps, seed=self.seed, version=version,
+                          attacks_to_run=self.attacks if custom else [], device=device, verbose=False)
         aa.verbose = False
         if self.square_queries is not None:
             aa.square.n_queries = self.square_queries

@@ -401,7 +401,7 @@ def run(cfg: Config, root: Path = Path("."),
         rows.append(row)
         curves[item.name] = curve
     n_aa = _n_aa(ev, len(x))
-    attacks = "standard" if ev.autoattack.version == "standard" else "custom: " + ", ".join(ev.autoattack.attacks)
+    attacks = ev.autoattack.version if ev.autoattack.version != "custom" else "custom: " + ", ".join(ev.autoattack.attacks)
     aa_note = f"AA = {package} {package_version} ({attacks}) on the first {n_aa} examples"
     result = {
         "units": "percent", "columns": [*COLUMNS, AVE], "eps": ev.eps, "split": ev.split, "n_examples": len(x),

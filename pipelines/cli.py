@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from pipelines import signals
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from derd.config import Config
 
 STAGES = {
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines import tracking
 
         tracking.check_store(cfg, args.root)  # an unwritable MLflow store fails now, not after training
-        _check_prefect_api()
+        # while a starting Prefect server migrates its database, MLflow migrates a new store's (the flow opens it)
+        _check_prefect_api(meanwhile=lambda: cfg.tracking.enabled and tracking.Tracker(cfg, args.root))
         prefect_environment(args.root)
         flows = importlib.import_module("pipelines.flows")
         only = {"only": args.only} if getattr(args, "only", None) else {}
@@ -275,11 +278,21 @@ class PrefectUnreachable(ConnectionError):
     """PREFECT_API_URL names a server that does not answer."""
 
 
-def _check_prefect_api(timeout: float = 5.0) -> None:
+def _check_prefect_api(timeout: float = 5.0, meanwhile: Callable[[], object] | None = None) -> None:
     """With PREFECT_API_URL set, make sure a server answers before a stage starts (Prefect itself fails
-    deep inside the flow engine with a traceback)."""
+    deep inside the flow engine with a traceback). A server ``derd repro`` is still starting is waited for,
+    after ``meanwhile()``."""
     url = os.environ.get("PREFECT_API_URL", "").strip()
     if not url:
+        return
+    from pipelines.prefect_server import WAIT_ENV, answers, await_api
+
+    if wait := os.environ.get(WAIT_ENV):  # the server `derd repro` started may still be coming up
+        if meanwhile is not None and not answers(url):
+            meanwhile()
+        if not await_api(url, float(wait)):
+            raise PrefectUnreachable(f"PREFECT_API_URL={url}: the Prefect server `derd repro` started did not answer "
+                                     f"within {wait} s (derd repro says why when the run stops)")
         return
     import urllib.error
     import urllib.request

@@ -4,8 +4,10 @@ Without ``PREFECT_API_URL`` every stage command starts Prefect's temporary serve
 :func:`server` starts ``prefect server start`` once on a free local port, waits until its API answers
 and stops it (its whole process group) on the way out, on success, error or signal alike;
 :func:`repro` runs ``dvc repro`` (or any command) with ``PREFECT_API_URL`` pointing at it, and with a
-warm process (``pipelines.warm``) that spares every stage its imports. A ``PREFECT_API_URL`` already
-set is used as it is: no server is started.
+warm process (``pipelines.warm``) that spares every stage its imports. DVC starts while the server does
+(its migrations take ~15 s on a fresh database): a stage that needs Prefect waits for it (``WAIT_ENV``), and
+a server that cannot come up stops the run with the end of its log. A ``PREFECT_API_URL`` already set is
+used as it is: no server is started.
 """
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+
+WAIT_ENV = "DERD_PREFECT_WAIT"  # set by repro: seconds a stage waits for the server it started
 
 
 class ReproError(RuntimeError):
@@ -71,13 +76,34 @@ def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-@contextmanager
-def server(command: Sequence[str] | None = None, port: int | None = None, timeout: float = 120.0,
-           env: dict[str, str] | None = None) -> Iterator[str]:
-    """A Prefect server for the block: yields its API URL (``http://127.0.0.1:<port>/api``), stops it on exit.
+class Starting:
+    """A ``prefect server start`` on its way up: :meth:`wait` blocks until its API answers."""
 
-    ``command`` (default :func:`server_command`) must serve ``/api/health`` on ``port`` within ``timeout``
-    seconds; otherwise :class:`ReproError` carries the end of its log."""
+    def __init__(self, process: subprocess.Popen, log, url: str, cmd: Sequence[str]):
+        self.process, self.log, self.url, self.cmd = process, log, url, list(cmd)
+
+    def wait(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """True once ``<url>/health`` answers, False once ``cancel`` is set; :class:`ReproError` (with the end of
+        the server's log) when the server exits first or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not answers(self.url):
+            if cancel is not None and cancel.is_set():
+                return False
+            if self.process.poll() is not None:
+                raise ReproError(f"`{' '.join(self.cmd)}` exited with status {self.process.returncode} before its "
+                                 f"API answered at {self.url}; its log ends:\n{_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise ReproError(f"`{' '.join(self.cmd)}` did not answer at {self.url} within {timeout:g} s; "
+                                 f"its log ends:\n{_tail(self.log)}")
+            time.sleep(0.2)
+        return True
+
+
+@contextmanager
+def starting(command: Sequence[str] | None = None, port: int | None = None,
+             env: dict[str, str] | None = None) -> Iterator[Starting]:
+    """Start a Prefect server (API at ``http://127.0.0.1:<port>/api``) without waiting for it; stop it on exit.
+    ``command`` (default :func:`server_command`) must serve ``/api/health`` on ``port``."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}/api"
     cmd = list(command) if command is not None else server_command(port)
@@ -85,18 +111,29 @@ def server(command: Sequence[str] | None = None, port: int | None = None, timeou
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)  # its own group: Ctrl-C reaches DVC, not it
         try:
-            deadline = time.monotonic() + timeout
-            while not answers(url):
-                if process.poll() is not None:
-                    raise ReproError(f"`{' '.join(cmd)}` exited with status {process.returncode} before its API "
-                                      f"answered at {url}; its log ends:\n{_tail(log)}")
-                if time.monotonic() > deadline:
-                    raise ReproError(f"`{' '.join(cmd)}` did not answer at {url} within {timeout:g} s; "
-                                      f"its log ends:\n{_tail(log)}")
-                time.sleep(0.2)
-            yield url
+            yield Starting(process, log, url, cmd)
         finally:
             stop(process)
+
+
+@contextmanager
+def server(command: Sequence[str] | None = None, port: int | None = None, timeout: float = 120.0,
+           env: dict[str, str] | None = None) -> Iterator[str]:
+    """A Prefect server for the block, up: yields its API URL, stops it on exit (:func:`starting`, then
+    :meth:`Starting.wait` for ``timeout`` seconds)."""
+    with starting(command, port, env) as srv:
+        srv.wait(timeout)
+        yield srv.url
+
+
+def await_api(url: str, timeout: float) -> bool:
+    """Poll ``<url>/health`` for up to ``timeout`` seconds; whether it answered."""
+    deadline = time.monotonic() + timeout
+    while not answers(url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _wait_forwarding_sigterm(child: subprocess.Popen) -> int:
@@ -134,14 +171,37 @@ def repro(args: Sequence[str], run: Sequence[str] = ("dvc", "repro"), command: S
         if warm.enabled(env):  # its imports run while the server starts
             stages_env[warm.SOCKET_ENV] = stack.enter_context(
                 warm.process(stages_env, warm.PRELOAD if preload is None else preload))
-        if own_server:
-            start = time.monotonic()
-            url = stack.enter_context(server(command=command, port=port, timeout=timeout, env=env))
-            print(f"derd repro: Prefect server at {url} (UI {url[:-4]}) started in {time.monotonic() - start:.1f} s; "
-                  "it stops when the run ends", file=sys.stderr, flush=True)
+        srv = stack.enter_context(starting(command=command, port=port, env=env)) if own_server else None
+        if srv is not None:  # DVC starts at once; a stage that needs Prefect waits for it (pipelines.cli)
+            stages_env[WAIT_ENV] = f"{timeout:g}"
         try:
             child = subprocess.Popen([*run, *args], env=stages_env)
         except FileNotFoundError:
             raise ReproError(f"`{run[0]}` not found on PATH: install DVC (pip install -e .) or activate "
                               "the project's virtual environment") from None
-        return _wait_forwarding_sigterm(child)
+        done, failed = threading.Event(), []
+        watcher = threading.Thread(target=_announce, args=(srv, timeout, child, done, failed), daemon=True)
+        if srv is not None:
+            watcher.start()
+        code = _wait_forwarding_sigterm(child)
+        done.set()  # a run that ended before the server came up did not need it
+        if srv is not None:
+            watcher.join()
+        if failed:
+            raise failed[0]
+        return code
+
+
+def _announce(srv: Starting, timeout: float, child: subprocess.Popen, done: threading.Event, failed: list) -> None:
+    """Say when the server is up; if it cannot come up while the run goes on, record why and stop the run."""
+    start = time.monotonic()
+    try:
+        if not srv.wait(timeout, cancel=done):
+            return
+    except ReproError as exc:
+        failed.append(exc)
+        if child.poll() is None:
+            child.terminate()
+        return
+    print(f"derd repro: Prefect server at {srv.url} (UI {srv.url[:-4]}) started in {time.monotonic() - start:.1f} s; "
+          "it stops when the run ends", file=sys.stderr, flush=True)

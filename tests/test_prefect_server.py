@@ -15,10 +15,11 @@ import pytest
 from pipelines import cli, prefect_server, warm
 
 FAKE_SERVER = """
-import http.server, os, sys
+import http.server, os, sys, time
 port, log = int(sys.argv[1]), sys.argv[2]
 with open(log, "a") as f:
     f.write(f"{os.getpid()}\\n")
+time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)  # a slow start (a real one migrates its database)
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/api/health" else 404)
@@ -28,13 +29,15 @@ class Health(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 """
 
-# the command run in place of `dvc repro`: records the API URL it was given and whether it answered
+# the command run in place of `dvc repro`: waits for the server as a stage does (pipelines.cli), then records
+# the API URL it was given and whether it answered
 CHILD = """
 import json, os, sys, time
-from pipelines.prefect_server import answers
-url = os.environ.get("PREFECT_API_URL", "")
+from pipelines.prefect_server import WAIT_ENV, answers, await_api
+url, began = os.environ.get("PREFECT_API_URL", ""), time.monotonic()
+await_api(url, float(os.environ.get(WAIT_ENV) or 0))
 with open(sys.argv[1], "w") as f:
-    json.dump({"url": url, "answered": answers(url)}, f)
+    json.dump({"url": url, "answered": answers(url), "began": began}, f)
 time.sleep(float(sys.argv[3]))
 sys.exit(int(sys.argv[2]))
 """
@@ -59,9 +62,9 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(prefect_server, "free_port", lambda: port)
     server = [sys.executable, "-c", FAKE_SERVER, str(port), str(starts)]
 
-    def run(status: int = 0, sleep: float = 0.0) -> int:
+    def run(status: int = 0, sleep: float = 0.0, server_delay: float = 0.0) -> int:
         return prefect_server.repro([str(status), str(sleep)], run=[sys.executable, "-c", CHILD, str(seen)],
-                                    command=server, timeout=30)
+                                    command=[*server, str(server_delay)], timeout=30)
 
     def started() -> list[int]:
         return [int(line) for line in starts.read_text().split()] if starts.exists() else []
@@ -76,7 +79,7 @@ def test_one_server_serves_the_run_and_is_stopped_after_it(fake, status):
     pids = started()
     assert len(pids) == 1  # started once
     record = json.loads(seen.read_text())
-    assert record == {"url": f"http://127.0.0.1:{port}/api", "answered": True}
+    assert (record["url"], record["answered"]) == (f"http://127.0.0.1:{port}/api", True)
     assert not alive(pids[0])
     assert not prefect_server.answers(record["url"])
 
@@ -97,14 +100,48 @@ def test_sigterm_reaches_the_run_and_the_server_still_stops(fake):
     assert not alive(started()[0])
 
 
-def test_a_server_that_dies_is_a_clear_error_and_nothing_runs(tmp_path, monkeypatch):
+def test_a_server_that_dies_is_a_clear_error_and_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv(warm.SWITCH_ENV, "0")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     seen = tmp_path / "seen.json"
     dead = [sys.executable, "-c", "import sys; print('database is locked'); sys.exit(1)"]
+    start = time.monotonic()
     with pytest.raises(prefect_server.ReproError, match=r"exited with status 1(.|\n)*database is locked"):
         prefect_server.repro([], run=[sys.executable, "-c", CHILD, str(seen), "0", "0"], command=dead, timeout=30)
-    assert not seen.exists()
+    assert time.monotonic() - start < 20, "the run waiting for the server was stopped, not left to time out"
+    assert not seen.exists(), "no stage got past its wait for the server"
+
+
+def test_the_run_starts_while_the_server_does_and_stages_wait_for_it(fake):
+    run, started, seen, _, _ = fake
+    start = time.monotonic()
+    assert run(0, server_delay=2) == 0
+    record = json.loads(seen.read_text())
+    assert record["began"] - start < 1.5, "the run waited for the server before starting"
+    assert record["answered"], "the stage went on before the server answered"
+    assert not alive(started()[0])
+
+
+def test_a_run_that_ends_before_the_server_is_up_needs_no_server(fake):
+    _, started, _, _, server = fake
+    assert prefect_server.repro([], run=[sys.executable, "-c", "pass"], command=[*server, "5"], timeout=30) == 0
+    assert not alive(started()[0])
+
+
+def test_a_stage_waits_for_the_server_derd_repro_is_starting(fake, monkeypatch):
+    _, _, _, port, server = fake
+    url = f"http://127.0.0.1:{port}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    monkeypatch.setenv(prefect_server.WAIT_ENV, "30")
+    meanwhile = []
+    with prefect_server.starting(command=[*server, "1"], port=port):
+        cli._check_prefect_api(meanwhile=lambda: meanwhile.append(prefect_server.answers(url)))
+        assert prefect_server.answers(url), "it returned once the server answered"
+    assert meanwhile == [False], "the stage's own setup ran while the server was starting"
+    monkeypatch.setenv(prefect_server.WAIT_ENV, "0.5")
+    with pytest.raises(cli.PrefectUnreachable, match=r"`derd repro` started did not answer within 0.5 s"):
+        cli._check_prefect_api()
 
 
 def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch):
@@ -124,7 +161,7 @@ def test_a_missing_dvc_is_named_and_the_cli_exits_2(fake, monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert cli.main(["repro"]) == 2
     assert "`dvc` not found on PATH" in capsys.readouterr().err
-    assert len(started()) == 1 and not alive(started()[0])
+    assert not any(alive(pid) for pid in started())  # the server (if it got as far as starting) is stopped
 
 
 def test_a_server_already_set_is_used_and_none_is_started(fake, monkeypatch):

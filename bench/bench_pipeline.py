@@ -25,6 +25,7 @@ what it measured):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from typing import Any
 from bench.timing import machine, reference_workload
 
 PROJECT = Path(__file__).resolve().parent.parent
-PHASES = ("full", "imports", "noop", "sweep", "rerun", "overhead")
+PHASES = ("full", "imports", "noop", "sweep", "rerun", "overhead", "aa")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 COMMAND = re.compile(r"^> .*pipelines\.cli (\w+)(?: --only (\S+))?")
 SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)")
@@ -114,19 +115,24 @@ def committed_params(path: str) -> str:
 
 
 def set_param(work: Path, assignment: str) -> None:
-    """``key.path=yaml-value`` written into the clone's params.yaml (then committed there)."""
-    import yaml
+    """``key.path=yaml-value`` written into the clone's params.yaml (then committed there), as DVC reads it: a
+    round trip through ruamel.yaml (YAML 1.2, DVC's own parser) keeps every other value and comment as it was
+    (PyYAML's YAML 1.1 would rewrite ``amp: off`` as ``false``, a change DVC reruns the teachers for)."""
+    from ruamel.yaml import YAML
 
     key, value = assignment.split("=", 1)
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    yaml = YAML()
+    params = yaml.load((work / "params.yaml").read_text())
     *parents, leaf = key.split(".")
     node = params
     for part in parents:
         node = node[part]
-    if node.get(leaf) == yaml.safe_load(value):
+    new = yaml.load(value)
+    if node.get(leaf) == new:
         sys.exit(f"--rerun {assignment}: params.yaml has that value already, so nothing would rerun")
-    node[leaf] = yaml.safe_load(value)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    node[leaf] = new
+    with (work / "params.yaml").open("w") as f:
+        yaml.dump(params, f)
 
 
 MODES = ("temporary", "shared", "shared + warm")
@@ -155,6 +161,34 @@ def fixed_cost_modes(work: Path, env: dict[str, str], reps: int) -> dict[str, An
                     out[mode].append(time.monotonic() - start - record(work, "report", None))
     return {"stage": "report", "reps": reps, "fixed_s": out,
             "median_s": {k: statistics.median(v) for k, v in out.items()}}
+
+
+def aa_versions(work: Path, reps: int) -> dict[str, Any]:
+    """Seconds and robust accuracy of the evaluate stage's AutoAttack on each of the clone's models (its
+    ``eval`` settings and first ``n_examples``), as ``custom`` with ``standard-apgd``'s two attacks and as
+    ``standard-apgd``, interleaved ``reps`` times (the medians)."""
+    from derd import config, data
+    from derd.evaluation.autoattack import AutoAttack
+    from derd.evaluation.evaluate import models_to_evaluate
+    from derd.runtime import resolve_device
+
+    with contextlib.chdir(work):  # data.root as the clone's stages read it
+        cfg = config.load("params.yaml")
+        ev, splits = cfg.eval, data.load(cfg.data)
+    x, y = data.first_n(getattr(splits, ev.split), min(ev.autoattack.n_examples or ev.n_examples, ev.n_examples))
+    versions = {"custom": ("custom", ["apgd-ce", "apgd-t"]), "standard-apgd": ("standard-apgd", None)}
+    rows = {}
+    for item in models_to_evaluate(cfg, work, splits, resolve_device(cfg.device)):
+        times: dict[str, list[float]] = {v: [] for v in versions}
+        accuracy = {}
+        for _ in range(reps):
+            for name, (version, attacks) in versions.items():
+                start = time.monotonic()
+                result = AutoAttack(item.model, ev.eps, version, attacks, cfg.seed, ev.autoattack.batch_size).run(x, y)
+                times[name].append(time.monotonic() - start)
+                accuracy[name] = result.accuracy
+        rows[item.name] = {"seconds": {v: statistics.median(t) for v, t in times.items()}, "accuracy": accuracy}
+    return {"n": len(x), "eps": ev.eps, "reps": reps, "rows": rows}
 
 
 def fixed_total(run: dict[str, Any]) -> float:
@@ -252,6 +286,16 @@ def render(P: dict[str, Any]) -> list[str]:
                   f"cost {before:.0f} s before vs {fixed:.0f} s after (**×{before / fixed:.2f}**), "
                   f"{100 * before / before_total:.1f}% vs {100 * fixed / total:.1f}% of the run (before: projected from "
                   "this run's stages plus the measured difference per stage).", ""]
+    if "aa" in P:
+        A = P["aa"]
+        cells = [f"{name} {r['seconds']['custom']:.1f} s → {r['seconds']['standard-apgd']:.1f} s "
+                 f"(×{r['seconds']['custom'] / r['seconds']['standard-apgd']:.1f}; robust accuracy "
+                 f"{100 * r['accuracy']['custom']:.0f} % → {100 * r['accuracy']['standard-apgd']:.0f} %)"
+                 for name, r in A["rows"].items()]
+        L += [f"Before/after the default's AutoAttack (`eval.autoattack.version` custom with APGD-CE + APGD-T, whose "
+              f"official defaults run APGD-CE with 5 restarts → `standard-apgd`, the standard version's settings), on the "
+              f"run's models, first {A['n']} examples, ε {A['eps']:g}, {A['reps']} interleaved runs each, median: "
+              + "; ".join(cells) + ".", ""]
     if "noop" in P:
         L += [f"`dvc repro` with nothing changed: {P['noop']['total_s']:.1f} s "
               f"({', '.join(st['stage'] for st in P['noop']['stages']) or 'no stage'} ran).", ""]
@@ -322,11 +366,14 @@ def main() -> None:
     if "rerun" in phases:
         set_param(work, a.rerun)
         subprocess.run([*git, "commit", "-qam", f"bench: {a.rerun}"], cwd=work, check=True)
-        status = subprocess.run(["dvc", "status", "--json"], cwd=work, env=env, capture_output=True, text=True)
+        status = subprocess.run(["dvc", "status", "--json"], cwd=work, env=env, capture_output=True, text=True,
+                                check=False)
         save("rerun", {"set": a.rerun, "dvc_status_before": json.loads(status.stdout or "{}"),  # why each stage reruns
                        **run_logged([sys.executable, "-m", "pipelines.cli", "repro"], work, env)})
     if "overhead" in phases:
         save("overhead", fixed_cost_modes(work, env, a.reps))
+    if "aa" in phases:
+        save("aa", aa_versions(work, reps=2))
     print(f"wrote {out} (work dir kept: {work})")
 
 

@@ -98,3 +98,18 @@ def test_only_a_committed_params_file_can_be_benchmarked(tmp_path):
             bench_pipeline.committed_params(str(inside))
     finally:
         inside.unlink()
+
+
+def test_the_rerun_edit_changes_one_param_as_dvc_reads_it(tmp_path):
+    """DVC parses params.yaml as YAML 1.2: the bench's edit must leave every other value as DVC sees it (a YAML
+    1.1 round trip turned ``amp: off`` into ``false`` and reran the teachers on a Stage-II change)."""
+    from ruamel.yaml import YAML
+
+    text = (bench_pipeline.PROJECT / "params.yaml").read_text().replace('amp: "off"', "amp: off")  # the bare form too
+    (tmp_path / "params.yaml").write_text(text)
+    bench_pipeline.set_param(tmp_path, "stage2.lambda_rob=0.5")
+    dvc_reads = YAML(typ="safe", pure=True).load
+    before, after = dvc_reads(text), dvc_reads((tmp_path / "params.yaml").read_text())
+    assert after["stage2"].pop("lambda_rob") == 0.5 != before["stage2"].pop("lambda_rob")
+    assert after == before and after["runtime"]["amp"] == "off"
+    assert "# L-inf radius" in (tmp_path / "params.yaml").read_text(), "the comments stay"

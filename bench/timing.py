@@ -32,14 +32,16 @@ def once(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
-    """Time several functions round-robin (a, b, a, b, ...) so load changes on a shared machine hit all
-    of them alike; per function seconds per call (median, min, max)."""
+    """Time several functions round-robin, the order reversed every other round (a, b, b, a, a, b, ...), so
+    load changes on a shared machine and whatever the one before leaves behind (caches, allocator, clock)
+    hit all of them alike; per function seconds per call (median, min, max)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    order = list(fns.items())
+    for rep in range(reps):
+        for k, fn in (order if rep % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)

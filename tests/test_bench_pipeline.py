@@ -1,5 +1,6 @@
 """bench.bench_pipeline: reading DVC's output into per-stage wall / in-stage / fixed seconds, and the
-shares and before/after ratio it reports (a stand-in for `dvc repro`, no pipeline is run)."""
+shares and before/after ratio it reports (a stand-in for `dvc repro`, no pipeline is run); bench.timing's
+interleaving order."""
 from __future__ import annotations
 
 import sys
@@ -113,3 +114,12 @@ def test_the_rerun_edit_changes_one_param_as_dvc_reads_it(tmp_path):
     assert after["stage2"].pop("lambda_rob") == 0.5 != before["stage2"].pop("lambda_rob")
     assert after == before and after["runtime"]["amp"] == "off"
     assert "# L-inf radius" in (tmp_path / "params.yaml").read_text(), "the comments stay"
+
+
+def test_interleaved_timing_reverses_its_order_every_other_round():
+    from bench.timing import interleaved
+
+    calls: list[str] = []
+    result = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert {k: r["reps"] for k, r in result.items()} == {"a": 4, "b": 4}

@@ -72,6 +72,9 @@ def test_the_report_states_the_share_the_budget_multiple_and_the_before_after_ra
     del P["overhead"]["median_s"]["shared + warm"]
     P["imports"] = {"python": 0.1, "torch": 2.0}
     assert "python 0.1 s, torch 2.0 s. The Prefect stages' fixed cost: median 10.0 s." in "\n".join(bench_pipeline.render(P))
+    P["reference_workload_after"] = {"seconds": 30.0, "matmuls": 1000}  # the unit brackets the run: their mean
+    assert "**1000 s** = 25.0× the budget unit (40.0 s, the mean of 50.0 s just before it and 30.0 s just after it" \
+        in "\n".join(bench_pipeline.render(P))
     P["setup"]["params"] = "micro.yaml"  # another profile: the default's goals are not judged
     assert "goal ≤" not in "\n".join(bench_pipeline.render(P))
 

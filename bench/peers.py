@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.timing import interleaved
+from bench.timing import interleaved, paired_ratio
 from derd import config
 from derd import data as datasets
 from derd.attacks import FGSM, PGD
@@ -86,7 +86,7 @@ def attacks_vs_torchattacks(model, x, y, eps: float, reps: int) -> dict[str, Any
             "settings": f"eps={eps:g}" + (f", 20 steps of {step:g}, uniform random start" if name != "FGSM" else ""),
             "derd_s": t["derd"]["median_s"], "torchattacks_s": t["torchattacks"]["median_s"],
             "derd_img_per_s": len(x) / t["derd"]["median_s"], "torchattacks_img_per_s": len(x) / t["torchattacks"]["median_s"],
-            "throughput_ratio_derd_over_peer": t["torchattacks"]["median_s"] / t["derd"]["median_s"],
+            "throughput_ratio_derd_over_peer": paired_ratio(t, "torchattacks", "derd"),
             "derd_accuracy": accuracy(model, adv["derd"], y), "torchattacks_accuracy": accuracy(model, adv["torchattacks"], y),
             "max_perturbation": {k: float((v - x).abs().max()) for k, v in adv.items()},
         }
@@ -114,6 +114,6 @@ def autoattack_overhead(model, x, y, eps: float, reps: int, warmup: int = 1) -> 
     t = interleaved({"adapter": adapter, "direct": direct}, reps=reps, warmup=warmup)
     return {"n": len(x), "eps": eps, "attack": "apgd-ce (custom version), seed 0",
             "adapter_s": t["adapter"]["median_s"], "direct_s": t["direct"]["median_s"],
-            "overhead": t["adapter"]["median_s"] / t["direct"]["median_s"] - 1,
+            "overhead": paired_ratio(t, "adapter", "direct") - 1,
             "adapter_accuracy": res["adapter"][0], "direct_accuracy": res["direct"],
             "adapter_backend": f"{res['adapter'][1]} {res['adapter'][2]}"}

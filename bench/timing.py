@@ -45,8 +45,14 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int = 3, warmup: int = 
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "reps": reps}
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "reps": reps, "times_s": v}
             for k, v in times.items()}
+
+
+def paired_ratio(t: dict[str, dict[str, Any]], a: str, b: str) -> float:
+    """Median over the rounds of ``interleaved`` of a's time / b's time in the same round: a neighbour that
+    slows the host for a while slows both sides of a round, so the ratio holds where the medians drift."""
+    return statistics.median(x / y for x, y in zip(t[a]["times_s"], t[b]["times_s"], strict=True))
 
 
 @contextmanager

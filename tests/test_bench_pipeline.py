@@ -126,3 +126,11 @@ def test_interleaved_timing_reverses_its_order_every_other_round():
     result = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=4, warmup=1)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert {k: r["reps"] for k, r in result.items()} == {"a": 4, "b": 4}
+
+
+def test_the_paired_ratio_is_the_median_of_each_rounds_ratio():
+    from bench.timing import paired_ratio
+
+    # a slow spell in rounds 2-3 slows both sides of those rounds alike: each round's ratio stays 2
+    t = {"a": {"times_s": [2.0, 4.0, 8.0, 2.0]}, "b": {"times_s": [1.0, 2.0, 4.0, 1.0]}}
+    assert paired_ratio(t, "a", "b") == 2.0 and paired_ratio(t, "b", "a") == 0.5

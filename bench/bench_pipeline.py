@@ -6,8 +6,8 @@ Phases (``--phases``, in this order; each appends to the JSON as it finishes, so
 what it measured):
 
 - ``full``     the reference workload (the README's budget unit), ``derd repro`` from scratch, the
-               reference workload again (the unit is their mean: a neighbour on a shared host moves it by
-               half between two measurements minutes apart): per stage its wall time (from DVC's "Running
+               reference workload again (the unit is their mean: neighbours on a shared host moved it
+               from 7.5 s to 9.0 s across one run, and to 15.1 s in `python -m bench` an hour later): per stage its wall time (from DVC's "Running
                stage" lines to the next) and its in-stage time (the run record's ``seconds``: the library
                call); fixed cost = the difference (process start, imports, Prefect, MLflow, DVC's hashing
                and caching).

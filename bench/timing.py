@@ -34,7 +34,7 @@ def once(fn: Callable[[], Any]) -> tuple[Any, float]:
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int = 3, warmup: int = 1) -> dict[str, dict[str, float]]:
     """Time several functions round-robin, the order reversed every other round (a, b, b, a, a, b, ...), so
     load changes on a shared machine and whatever the one before leaves behind (caches, allocator, clock)
-    hit all of them alike; per function seconds per call (median, min, max)."""
+    hit all of them alike; per function seconds per call (median, min, max, and each round's in ``times_s``)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

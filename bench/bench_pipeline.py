@@ -7,10 +7,10 @@ what it measured):
 
 - ``full``     the reference workload (the README's budget unit), ``derd repro`` from scratch, the
                reference workload again (the unit is their mean: neighbours on a shared host moved it
-               from 7.5 s to 9.0 s across one run, and to 15.1 s in `python -m bench` an hour later): per stage its wall time (from DVC's "Running
-               stage" lines to the next) and its in-stage time (the run record's ``seconds``: the library
-               call); fixed cost = the difference (process start, imports, Prefect, MLflow, DVC's hashing
-               and caching).
+               from 7.5 s to 9.0 s across one run, and to 15.1 s in ``python -m bench`` an hour later):
+               per stage its wall time (from DVC's "Running stage" lines to the next) and its in-stage
+               time (the run record's ``seconds``: the library call); fixed cost = the difference
+               (process start, imports, Prefect, MLflow, DVC's hashing and caching).
 - ``imports``  the floor under a stage's fixed cost: a bare interpreter and the imports every Prefect stage
                pays (torch, Prefect, MLflow with its SQL store, the flows module), each in fresh processes.
 - ``noop``     ``dvc repro`` again with nothing changed.

@@ -12,6 +12,11 @@ and, for the lambda_rob_clean reading where both experts read S(x):
   same-input twice   two forwards of S(x), one autograd.grad each
 
 Usage: python -m bench.bench_sga [--arch small_cnn --width 16 --size 16 --batch 128 --reps 20]
+
+``--strategies``: instead, each registered aggregation strategy (gradrefine also with 1 and 4 chunks) on
+the profile of params.yaml (bench.stage2's in-memory teachers and generator): one whole DERD student
+step, and the aggregator call alone on that student's gradients, each against ``sum`` in the same
+interleaved round (bench.timing.paired_ratio).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import argparse
 
 import torch
 
+from bench.timing import interleaved, paired_ratio
 from bench.timing import timed as _timed
+from derd.distill.aggregation import AGGREGATIONS
 from derd.losses import kd_kl
 from derd.models import build_model
 
@@ -27,6 +34,29 @@ from derd.models import build_model
 def timed(fn, reps: int) -> float:
     """Median seconds per call after one warm-up (the shared helper)."""
     return _timed(fn, reps=reps, warmup=1)["median_s"]
+
+
+def strategy_costs(reps: int) -> None:
+    """Per strategy: a DERD student step and the aggregator call, as multiples of ``sum``'s (see the docstring)."""
+    from bench import stage2
+
+    cases = {name: {"aggregation": name} for name in AGGREGATIONS.names()}
+    cases |= {f"gradrefine m={m}": {"aggregation": "gradrefine", "gradrefine": {"chunks": m}} for m in (1, 4)}
+    steps, calls, size = {}, {}, 0
+    for name, overrides in cases.items():
+        ctx, method = stage2.build(stage2.make_config(**overrides))
+        steps[name] = lambda method=method: method.student_step(0)
+        params = list(ctx.student.parameters())
+        g_nat, g_rob = [torch.randn_like(q) for q in params], [torch.randn_like(q) for q in params]
+        calls[name] = lambda agg=method.aggregator, a=g_nat, b=g_rob: agg(a, b, (1.0, 1.0))
+        size = sum(q.numel() for q in params)
+    cfg = stage2.describe(ctx.cfg)
+    print(f"{cfg['student']} on {cfg['input']}, batch {cfg['batch']}, {size} parameters, {reps} interleaved rounds")
+    t_step, t_call = interleaved(steps, reps=reps), interleaved(calls, reps=reps)
+    print(f"  {'strategy':18s} {'student step':>13s} {'x sum':>6s}   {'aggregator':>10s} {'x sum':>6s}")
+    for name in cases:
+        print(f"  {name:18s} {1000 * t_step[name]['median_s']:10.1f} ms {paired_ratio(t_step, name, 'sum'):6.2f}"
+              f"   {1000 * t_call[name]['median_s']:7.2f} ms {paired_ratio(t_call, name, 'sum'):6.2f}")
 
 
 def main() -> None:
@@ -38,8 +68,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--strategies", action="store_true", help="time each aggregation strategy instead (see above)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.strategies:
+        return strategy_costs(a.reps)
     torch.manual_seed(0)
     c = a.channels
     student = build_model(a.arch, c, 10, [0.5] * c, [0.25] * c, image_size=a.size, width=a.width).train()

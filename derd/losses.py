@@ -216,9 +216,19 @@ class StageOneLoss:
         self.close()
 
 
-def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """KL(σ_τ(teacher) ‖ σ_τ(student)), batchmean (sum over classes, mean over batch)."""
-    return F.kl_div(F.log_softmax(student_logits / tau, 1), F.softmax(teacher_logits / tau, 1), reduction="batchmean")
+KD_REDUCTIONS = ("batchmean", "mean")
+
+
+def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float | torch.Tensor = 1.0,
+          reduction: str = "batchmean") -> torch.Tensor:
+    """τ²·KL(σ_τ(teacher) ‖ σ_τ(student)) (Hinton et al.'s τ² keeps the gradient scale across τ; ×1 at τ = 1).
+
+    ``reduction`` (``stage2.kd_reduction``): ``batchmean`` sums over classes and averages over the batch;
+    ``mean`` averages over batch × classes (= batchmean / K)."""
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"stage2.kd_reduction: must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    kl = F.kl_div(F.log_softmax(student_logits / tau, 1), F.softmax(teacher_logits / tau, 1), reduction="batchmean")
+    return kl * tau**2 / (student_logits.shape[1] if reduction == "mean" else 1)
 
 
 def l1_discrepancy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,14 @@ workspace params.yaml (Hydra override syntax, which is what ``-S`` parses; a key
 anything is queued. Rows whose experiment already exists at this baseline (done, queued or running) are
 skipped; failed ones are removed from the queue and queued again. ``--run`` starts the queue and waits.
 
-``derd table FILE [--out docs/RESULTS.md]`` reads each row's metrics/eval.json from its experiment
-(``dvc exp show --json``, and the full file from the DVC cache for the per-model rows), aggregates the
-students per method (mean ± sample std over seeds, :func:`derd.report.table_rows`), keeps the teachers'
-rows once (once per distinct result when rows retrain them) and replaces the block between
-``<!-- table:<stem> -->`` and ``<!-- /table:<stem> -->`` in the output file. A row whose experiment is
-missing, queued, running or failed is listed as "not run".
+``derd table FILE [--out docs/RESULTS.md]`` reads each row's evaluation from its experiment (the table of
+metrics/eval.json from ``dvc exp show --json``, and the record with the per-model rows and sanity flags,
+artifacts/evaluation.json, from the DVC cache), aggregates the students per method (mean ± sample std over
+seeds, :func:`derd.report.table_rows`), keeps the teachers' rows once (once per distinct result when rows
+retrain them) and replaces the block between ``<!-- table:<stem> -->`` and ``<!-- /table:<stem> -->`` in the
+output file. A row whose experiment is missing, queued, running or failed is listed as "not run". The
+table's rows on the clean-vs-AA plane (:func:`derd.report.plots.plane_png`) go to ``figures/<stem>_plane.png``
+beside the output file, linked under the table.
 """
 from __future__ import annotations
 
@@ -365,7 +367,7 @@ def sweep_command(path: str, root: Path = Path("."), params: str = "params.yaml"
 # ---------------------------------------------------------------- the table
 @dataclass
 class Outcome:
-    """One sweep row: its experiment's state and, when it ran, its evaluation (eval.json's shape)."""
+    """One sweep row: its experiment's state and, when it ran, its evaluation (the evaluation record's shape)."""
 
     label: str
     name: str
@@ -374,11 +376,11 @@ class Outcome:
     evaluation: dict | None = None
     methods: list[str] = field(default_factory=list)  # stage2.methods of the row
     seeds: int = 0  # len(stage2.seeds) of the row
-    full_rows: bool = True  # eval.json's per-model rows were readable (sanity flags known)
+    full_rows: bool = True  # the record's per-model rows were readable (sanity flags known)
 
 
 def evaluation_from_table(data: dict) -> dict:
-    """eval.json's shape rebuilt from its flat ``table`` (what ``dvc exp show`` keeps: lists are dropped)."""
+    """The evaluation record's shape rebuilt from metrics/eval.json's ``table`` (what ``dvc exp show`` keeps)."""
     rows = []
     for model, values in (data.get("table") or {}).items():
         kind = "teacher" if model in ("Nature", "SAT") else "reference" if model == "SAT student" else "student"
@@ -392,7 +394,7 @@ def evaluation_from_table(data: dict) -> dict:
 
 def collect(sweep: Sweep, found: Mapping[str, Experiment], read: Callable[[str], dict | None],
             workspace: Mapping[str, Any]) -> list[Outcome]:
-    """Each row's outcome; ``read(rev)`` returns the experiment's full metrics/eval.json (None if unreadable)."""
+    """Each row's outcome; ``read(rev)`` returns the experiment's evaluation record (None if unreadable)."""
     out = []
     for label in sweep.rows:
         merged = nested(row_leaves(sweep, label), workspace)
@@ -433,7 +435,7 @@ def _aa(evaluation: dict) -> str:
 
 
 def _split(evaluation: dict) -> tuple[list, dict]:
-    """(reference rows: teachers, SAT student; method -> student row aggregated over seeds) of one eval.json."""
+    """(reference rows: teachers, SAT student; method -> student row aggregated over seeds) of one evaluation record."""
     from derd.report.tables import table_rows
 
     kinds = {r["model"]: r.get("kind") for r in evaluation["rows"]}
@@ -447,24 +449,33 @@ def _split(evaluation: dict) -> tuple[list, dict]:
     return refs, students
 
 
-def render(sweep: Sweep, outcomes: list[Outcome], shown_path: str) -> str:
-    """The markdown block of one sweep (between its markers)."""
-    from derd.report.tables import COLUMNS, METHOD_LABELS
+@dataclass
+class TableLine:
+    """One line of a sweep's table: its label, its row (a :class:`derd.report.tables.Row`; None when it did not
+    run), its Seeds and Status cells, and how the plane draws it (:func:`derd.report.plots.plane_kind`)."""
 
-    ran = [o for o in outcomes if o.evaluation is not None]
-    head = ["Row", *COLUMNS, "Seeds", "Status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    label: str
+    row: Any
+    seeds: str
+    status: str
+    kind: str
 
-    def line(label: str, cells: list[str], seeds: str, status: str) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in [label, *cells, seeds, status]) + " |"
+
+def table_lines(outcomes: list[Outcome]) -> list[TableLine]:
+    """The table's lines in order: the reference rows (once per distinct result), then each row's methods."""
+    from derd.report.plots import plane_kind
+    from derd.report.tables import METHOD_LABELS
 
     def status(row, full: bool) -> str:
         if not full:
-            return "sanity unknown (eval.json rows unreadable)"
+            return "sanity unknown (evaluation record unreadable)"
         if row.sanity in ("pass", "not run"):
             return "ok" if row.sanity == "pass" else "sanity not run"
         return f"**suspect**: {row.sanity}"
 
+    ran = [o for o in outcomes if o.evaluation is not None]
+    kinds = {r["model"]: r.get("kind") for o in ran for r in o.evaluation["rows"]}
+    lines = []
     refs: dict[str, dict[tuple, tuple[Any, list[str], bool]]] = {}
     split = {o.label: _split(o.evaluation) for o in ran}
     for o in ran:
@@ -474,23 +485,45 @@ def render(sweep: Sweep, outcomes: list[Outcome], shown_path: str) -> str:
     for ref, variants in refs.items():
         for row, labels, full in variants.values():
             label = ref if len(variants) == 1 else f"{ref} ({', '.join(labels)})"
-            lines.append(line(label, [row.cell(c) for c in COLUMNS], str(len(row.models)), status(row, full)))
+            lines.append(TableLine(label, row, str(len(row.models)), status(row, full), plane_kind(kinds[row.models[0]])))
     for o in outcomes:
         if o.evaluation is None:
-            lines.append(line(o.label, ["–"] * len(COLUMNS), "0", f"not run ({o.state})"))
+            lines.append(TableLine(o.label, None, "0", f"not run ({o.state})", "student"))
             continue
         students = split[o.label][1]
         for method in o.methods or list(students):
             label = o.label if len(o.methods) <= 1 else f"{o.label}: {METHOD_LABELS.get(method, method)}"
             if method == "rslad_real" and "data-ful" not in label:
                 label += " (data-ful)"
-            row = students.get(method)
+            row, kind = students.get(method), plane_kind("student", method)
             if row is None:
-                lines.append(line(label, ["–"] * len(COLUMNS), "0", f"not run (no {method} rows in metrics/eval.json)"))
+                lines.append(TableLine(label, None, "0", f"not run (no {method} rows in its evaluation)", kind))
                 continue
             n = len(row.models)
             seeds = str(n) if not o.seeds or n == o.seeds else f"{n}/{o.seeds}"
-            lines.append(line(label, [row.cell(c) for c in COLUMNS], seeds, status(row, o.full_rows)))
+            lines.append(TableLine(label, row, seeds, status(row, o.full_rows), kind))
+    return lines
+
+
+def plane_points(outcomes: list[Outcome]) -> list:
+    """The table on the clean-vs-AA plane (:class:`derd.report.plots.PlanePoint`): a point per line that ran
+    with Clean and AA values."""
+    from derd.report.plots import plane_points as points
+
+    return points((t.label, t.kind, t.row.values) for t in table_lines(outcomes) if t.row is not None)
+
+
+def render(sweep: Sweep, outcomes: list[Outcome], shown_path: str, plane: str | None = None) -> str:
+    """The markdown block of one sweep (between its markers); ``plane``: the link to its clean-vs-AA figure."""
+    from derd.report.tables import COLUMNS
+
+    ran = [o for o in outcomes if o.evaluation is not None]
+    head = ["Row", *COLUMNS, "Seeds", "Status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in table_lines(outcomes):
+        cells = [t.label, *(t.row.cell(c) if t.row else "–" for c in COLUMNS), t.seeds, t.status]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    figure = ["", f"![Clean vs AA: a point per row, mean ± sample std over seeds on both axes]({plane})"] if plane else []
 
     baselines = sorted({o.baseline for o in ran if o.baseline})
     commit = ", ".join(f"`{b}`" for b in baselines) or "– (no experiment found)"
@@ -513,6 +546,7 @@ def render(sweep: Sweep, outcomes: list[Outcome], shown_path: str) -> str:
          f"Clean. {done}/{len(outcomes)} rows ran."),
         "",
         *lines,
+        *figure,
         f"<!-- /table:{sweep.stem} -->",
     ]) + "\n"
 
@@ -531,13 +565,21 @@ def replace_block(text: str, stem: str, block: str) -> str:
 
 
 def _read_full(root: Path) -> Callable[[str], dict | None]:
-    def read(rev: str) -> dict | None:
-        try:
-            import dvc.api
+    """``read(rev)``: the evaluation record of an experiment (``artifacts/evaluation.json``; an experiment from
+    before it existed: its ``metrics/eval.json``, which then held the rows), None when neither can be read."""
+    from derd.report.tables import EVALUATION
 
-            return json.loads(dvc.api.read("metrics/eval.json", repo=str(root), rev=rev))
-        except Exception:  # noqa: BLE001  (fall back to what `dvc exp show` kept)
-            return None
+    def read(rev: str) -> dict | None:
+        import dvc.api
+
+        for path in (EVALUATION, "metrics/eval.json"):
+            try:
+                record = json.loads(dvc.api.read(path, repo=str(root), rev=rev))
+            except Exception:  # noqa: BLE001, S112  (the next file, then what `dvc exp show` kept)
+                continue
+            if isinstance(record, dict) and isinstance(record.get("rows"), list):
+                return record
+        return None
 
     return read
 
@@ -553,8 +595,16 @@ def table_command(path: str, root: Path = Path("."), params: str = "params.yaml"
     # rows may have been queued from different commits: each row's newest experiment, its baseline named
     outcomes = collect(sweep, experiments(show(root, rev, commits=1 if rev else 50)), _read_full(root), workspace)
     shown = Path(path).as_posix()
-    block = render(sweep, outcomes, shown)
     target = root / out
+    link = None
+    if points := plane_points(outcomes):  # the figure beside the table: <out's folder>/figures/<stem>_plane.png
+        from derd.artifacts import write_bytes
+        from derd.report.plots import plane_png
+
+        figure = write_bytes(target.parent / "figures" / f"{sweep.stem}_plane.png",
+                             plane_png(points, f"{sweep.title}: clean vs AutoAttack accuracy"))
+        link = figure.relative_to(target.parent).as_posix()
+    block = render(sweep, outcomes, shown, plane=link)
     text = target.read_text(encoding="utf-8") if target.is_file() else "# Results\n"
     write_text(target, replace_block(text, sweep.stem, block))
     missing = [o.label for o in outcomes if o.evaluation is None]

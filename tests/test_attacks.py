@@ -104,6 +104,32 @@ def test_mode_restored(name, batch):
     assert torch.equal(running, model.net.body[0][1].running_mean), "BatchNorm statistics changed"
 
 
+def _kl_by_hand(p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Σ_b Σ_k p_bk (log p_bk − log σ(logits)_bk): KL-PGD's objective."""
+    return (p * (p.log() - torch.log_softmax(logits, 1))).sum()
+
+
+def test_klpgd_with_target_probabilities_ascends_kl_to_them(natural, batch):
+    """RSLAD's inner problem: a fixed target p per example (e.g. a teacher's soft labels); without one the
+    target is the model's own clean prediction (TRADES), and passing that prediction changes nothing."""
+    x, _ = batch
+    with torch.no_grad():
+        own_p = torch.softmax(natural(x), 1)
+    p = torch.softmax(3 * torch.randn(len(x), own_p.shape[1], generator=torch.Generator().manual_seed(0)), 1)
+    towards_p = KLPGD(natural, EPS, steps=5, seed=0)(x, target=p)
+    self_target = KLPGD(natural, EPS, steps=5, seed=0)(x)
+    assert torch.equal(KLPGD(natural, EPS, steps=5, seed=0)(x, target=own_p), self_target)
+    with torch.no_grad():
+        start = _kl_by_hand(p, natural(x))
+        reached, other = _kl_by_hand(p, natural(towards_p)), _kl_by_hand(p, natural(self_target))
+    assert reached > start and reached > other
+    assert (towards_p - x).abs().max() <= EPS + 1e-6 and not torch.equal(towards_p, self_target)
+    with pytest.raises(ValueError, match="target has 3 rows for"):
+        KLPGD(natural, EPS, steps=1)(x, target=p[:3])
+    with pytest.raises(ValueError, match="probability distributions"):
+        KLPGD(natural, EPS, steps=1)(x, target=torch.log(p))  # logits or log-probabilities, not probabilities
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: on CPU alone it would pass vacuously")
 def test_attack_moves_cpu_inputs_to_the_model_device(natural, batch):
     x, y = batch

@@ -122,7 +122,7 @@ def test_run_writes_the_stage_summary(root):
     out = distill.run(cfg, root)
     assert set(out) == {"derd-seed0", "derd-seed1", "dfad-seed0", "dfad-seed1"}
     for unit, summary in out.items():
-        assert read_json(Paths(root).metrics / "distill" / f"{unit}.json") == json.loads(json.dumps(summary))
+        assert read_json(Paths(root).metrics / "distill" / f"{unit}.json") == distill.finals(summary["final"])
 
 
 def test_interrupted_run_resumes_to_the_same_student(root, tmp_path_factory, monkeypatch):
@@ -253,3 +253,43 @@ def test_robust_teacher_is_forwarded_once_per_input(root, method, reading, forwa
     monkeypatch.setattr(distill.Context, "__init__", count)
     distill.train_student(micro_config(iterations=1, k_student=1, **reading), method, 0, root)
     assert len(calls) == forwards
+
+
+def test_generator_warmup_runs_generator_only_iterations_first(root, monkeypatch):
+    """stage2.generator_warmup: that many generator steps before the first student step, then the usual budget."""
+    from derd.distill.dfad import DFAD
+
+    calls = []
+    gen, stud = DFAD.generator_step, DFAD.student_step
+    monkeypatch.setattr(DFAD, "generator_step", lambda self, it: calls.append(("g", it)) or gen(self, it))
+    monkeypatch.setattr(DFAD, "student_step", lambda self, it: calls.append(("s", it)) or stud(self, it))
+    side = distill.train_student(micro_config(methods=["dfad"], generator_warmup=2), "dfad", 0, root)
+    assert calls[:3] == [("g", 0), ("g", 1), ("g", 2)]  # iterations 0 and 1 train the generator alone
+    assert sum(kind == "s" for kind, _ in calls) == 3 * 2  # iterations x k_student student steps, as without warm-up
+    assert sum(kind == "g" for kind, _ in calls) == 2 + 3
+    assert side["reading"]["generator_warmup"] == 2 and side["final"]["student_steps"] == 6
+
+
+def test_generator_warmup_needs_a_generator(root):
+    with pytest.raises(config.ConfigError, match="stage2.generator_warmup: rslad_real"):
+        distill.train_student(micro_config(methods=["rslad_real"], generator_warmup=1), "rslad_real", 0, root)
+
+
+def test_a_baseline_can_start_from_the_stage1_generator_on_t_rob(root):
+    """stage2.baselines.generator_init: stage1 — the larger-budget row starts G from Stage-I's T_rob artifact and
+    the student's resume key hashes that file."""
+    from derd.distill.dfad import DFAD
+    from derd.distill.loop import Context, input_hashes
+    from derd.stage1 import warmup
+
+    cfg = micro_config(methods=["dfad"], baselines={"generator_init": "stage1", "cmi": {"bank_size": 32, "head_dim": 8}})
+    ctx = Context(cfg, DFAD, 0, root, torch.device("cpu"))
+    DFAD(ctx)
+    cached = warmup.load_generator(cfg, root, "robust").state_dict()
+    assert all(torch.equal(v, cached[k]) for k, v in ctx.generator.state_dict().items())
+    generator_file = Paths(root).generator("robust").name
+    assert [h.split(":")[0] for h in input_hashes(ctx, DFAD)][1:] == [generator_file]
+    scratch = Context(micro_config(methods=["dfad"]), DFAD, 0, root, torch.device("cpu"))
+    DFAD(scratch)
+    assert not any(torch.equal(v, cached[k]) for k, v in scratch.generator.state_dict().items() if v.dim() > 1)
+    assert len(input_hashes(scratch, DFAD)) == 1  # the teacher alone

@@ -81,6 +81,19 @@ def test_kd_terms():
     assert l1_discrepancy(t, s).item() == pytest.approx(1.0)
 
 
+def test_kd_kl_carries_hintons_tau_squared_and_its_reduction():
+    t, s = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    tau = 3.0
+    rows = [sum(a * math.log(a / b) for a, b in zip(_softmax([v / tau for v in tr]), _softmax([v / tau for v in sr])))
+            for tr, sr in zip(t.tolist(), s.tolist())]
+    batchmean = tau**2 * sum(rows) / 2  # τ²·KL, summed over classes, averaged over the batch
+    assert kd_kl(t, s, tau).item() == pytest.approx(batchmean, rel=1e-6)
+    assert kd_kl(t, s, tau, "mean").item() == pytest.approx(batchmean / 3, rel=1e-6)  # mean = batchmean / K
+    assert kd_kl(t, s, 1.0).item() == pytest.approx(kd_kl(t, s).item())
+    with pytest.raises(ValueError, match="stage2.kd_reduction: must be one of"):
+        kd_kl(t, s, tau, "sum")
+
+
 # ------------------------------------------------------------------ golden values, seeded tiny teacher
 def _terms() -> dict[str, float]:
     teacher = tiny_teacher()

@@ -32,8 +32,8 @@ EXPECTED = {  # the names params.yaml accepted before the registries were the so
     "architecture": {"small_cnn", "small_resnet", "resnet18", "resnet34", "preact_resnet18", "wrn34_10",
                      "mobilenet_v2", "resnet18_imagenet", "resnet50_imagenet"},
     "generator": {"dafl", "dcgan"},
-    "method": {"derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard", "rslad_real"},
-    "aggregation": {"sga", "sum", "pcgrad", "graddrop", "mtard"},
+    "method": {"derd", "derd_inv", "derd_no_tnat", "dafl", "dfad", "zskt", "cmi", "dfard", "ferd", "rslad_real"},
+    "aggregation": {"sga", "sum", "pcgrad", "graddrop", "mtard", "agree", "gradrefine"},
     "attack": {"fgsm", "pgd", "kl_pgd", "cw"},
 }
 SIZE = {"resnet18_imagenet": 32, "resnet50_imagenet": 32}  # ImageNet stems downsample 32x

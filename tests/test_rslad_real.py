@@ -42,6 +42,7 @@ def test_trains_on_real_data_and_says_it_is_data_ful(root):
     assert "REAL training data" in reading["pseudo_data"] and "not data-free" in reading["pseudo_data"]
     assert reading["generator"] == "none" and reading["generator_optimiser"] == "none"
     assert reading["student_loss"].startswith("RSLAD")
+    assert "KL(σ_τ(T_rob(x)) ‖ σ(S(x_adv)))" in reading["adversarial_examples"]  # RSLAD's inner problem, not TRADES'
     assert side["teachers_used"] == ["robust"] and side["student_steps"] == 4
     assert side["final"]["iteration"] == 2 and side["final"]["s_loss"] >= 0
     assert not (Paths(root).checkpoints / "distill_rslad_real-seed0.pt").exists()

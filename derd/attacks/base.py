@@ -15,15 +15,20 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 @contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode and restore each submodule's own train/eval flag afterwards."""
+def model_mode(model: nn.Module, training: bool):
+    """Put ``model`` in train (``training``) or eval mode and restore each submodule's own flag afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def eval_mode(model: nn.Module):
+    """:func:`model_mode` in eval mode."""
+    return model_mode(model, False)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,12 +57,15 @@ class Attack:
             raise ValueError(f"eps must be ≥ 0, got {eps}")
         self.model, self.eps = model, eps
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+        """The adversarial x; ``inputs``: further per-example tensors the subclass's :meth:`perturb` takes
+        (PGD's ``target``; None: not given), detached and moved to the model's device like x."""
         device = model_device(self.model)
         x = x.detach().to(device)
         y = y.to(device) if y is not None else None
+        inputs = {k: v.detach().to(device) for k, v in inputs.items() if v is not None}
         with eval_mode(self.model), input_gradient_precision(device):
-            x_adv = self.perturb(x, y)
+            x_adv = self.perturb(x, y, **inputs)
         return project(x_adv, x, self.eps).detach()
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -76,14 +84,19 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.
 
 def robust_flags(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
                  batch_size: int = 256) -> torch.Tensor:
-    """Per-example booleans: is ``model`` still correct on ``attack(x)`` (on ``x`` when attack is None)?
+    """Per-example booleans: is ``model`` correct on ``x`` and, given an attack, also on ``attack(x)``?
 
-    Examples whose logits are NaN/inf are flagged False (not robust) and a warning counts them."""
+    Robust means both: an attack that happens to turn a wrong prediction right does not make the example
+    robust (AutoAttack's rule: only the clean-correct examples count). Examples whose logits are NaN/inf
+    are flagged False (not robust) and a warning counts them."""
     device = model_device(model)
     out, bad = [], 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        correct, finite = _correct(model, attack(xb, yb) if attack is not None else xb, yb)
+        correct, finite = _correct(model, xb, yb)
+        if attack is not None:
+            adv_correct, adv_finite = _correct(model, attack(xb, yb), yb)
+            correct, finite = correct & adv_correct, finite & adv_finite
         out.append(correct)
         bad += int((~finite).sum())
     if bad:

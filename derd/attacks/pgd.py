@@ -49,6 +49,12 @@ class PGD(Attack):
             raise ValueError(f"{type(self).__name__} needs labels")
         return y
 
+    def check_target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A caller's ``target``: one row per example."""
+        if len(target) != len(x):
+            raise ValueError(f"{type(self).__name__}: target has {len(target)} rows for {len(x)} examples")
+        return target
+
     def ascend(self, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator | None,
                only: torch.Tensor | None = None) -> torch.Tensor:
         """``steps`` signed-gradient steps from a random start; ``only`` (indices) attacks that subset, its
@@ -63,11 +69,12 @@ class PGD(Attack):
             x_adv = project(x_adv.detach() + self.step_size * grad.sign(), x, self.eps)
         return x_adv.detach()
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def perturb(self, x: torch.Tensor, y: torch.Tensor | None, target: torch.Tensor | None = None) -> torch.Tensor:
+        """``target``: what the loss compares against when the caller fixes it (default :meth:`target`)."""
         gen = None
         if self.seed is not None:
             gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        target = self.target(x, y)
+        target = self.target(x, y) if target is None else self.check_target(x, target)
         best = self.ascend(x, target, gen)
         if self.restarts > 1 and y is not None:
             with torch.no_grad():
@@ -84,15 +91,17 @@ class PGD(Attack):
         return best
 
 
-def kl_loss(logits: torch.Tensor, clean_probs: torch.Tensor) -> torch.Tensor:
-    """Per-example KL(p_clean ‖ softmax(logits))."""
-    return F.kl_div(F.log_softmax(logits, 1), clean_probs, reduction="none").sum(1)
+def kl_loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(p ‖ softmax(logits)), p the target probabilities."""
+    return F.kl_div(F.log_softmax(logits, 1), target_probs, reduction="none").sum(1)
 
 
 @ATTACKS.register("kl_pgd")
 class KLPGD(PGD):
-    """Label-free PGD maximising KL(σ(f(x)) ‖ σ(f(x_adv))) — TRADES' inner problem and Stage-II's
-    adversarial pseudo examples. Default start x + 0.001·N(0, I)."""
+    """Label-free PGD maximising KL(p ‖ σ(f(x_adv))). By default p = σ(f(x)), the model's own clean
+    prediction: TRADES' inner problem and DERD's adversarial pseudo examples. A caller may fix p per
+    example (``attack(x, target=p)``, rows of probabilities): RSLAD's inner problem, p = σ_τ(T_rob(x)).
+    Default start x + 0.001·N(0, I)."""
 
     start = "normal"
 
@@ -102,3 +111,13 @@ class KLPGD(PGD):
     def target(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             return F.softmax(self.model(x), 1)
+
+    def check_target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Target probabilities: a B×K float matrix whose rows are distributions."""
+        target = super().check_target(x, target)
+        if target.dim() != 2 or not target.is_floating_point():
+            raise ValueError(f"KLPGD: target must be B×K probabilities, got {tuple(target.shape)} {target.dtype}")
+        if (target < 0).any() or not torch.allclose(target.float().sum(1), torch.ones(len(target), device=target.device),
+                                                    atol=1e-2):
+            raise ValueError("KLPGD: target rows must be probability distributions (≥ 0, summing to 1)")
+        return target

@@ -2,8 +2,10 @@
 
 Generator (from scratch), against the robust teacher:
   λbn·L_BN + λoh·CE(T(x), y) + λadv·L_adv + λcr·L_cr
-with y drawn uniformly per sample (class-conditional inversion), L_adv = −KL(T(x) ‖ S(x)) on the
-samples where T and S agree (CMI's masked adversarial term), and L_cr an instance-discrimination
+with y drawn uniformly per sample (class-conditional inversion), L_adv = −mean_b m_b·KL(T(x_b) ‖ S(x_b))
+with m_b = 1 where T and S agree (CMI's masked adversarial term: the mean runs over the whole batch, as in
+CMI's code), the student in eval mode (CMI's ``synthesize``: its BatchNorm running statistics never see a
+synthesis batch), and L_cr an instance-discrimination
 InfoNCE loss: a projection head on the teacher's pooled features must match each sample with its
 crop/flip view against the other samples of the batch and a queue of past embeddings.
 Every generated batch enters a memory bank (FIFO, ``bank_size``); student batches are drawn from
@@ -30,8 +32,18 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, 
     return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device))
 
 
+def masked_adversarial_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+    """CMI's L_adv = −mean_b m_b·KL(σ(T(x_b)) ‖ σ(S(x_b))), m_b = [argmax T(x_b) = argmax S(x_b)]: the
+    generator pushes agreeing samples towards disagreement (mean over the whole batch)."""
+    agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
+    kl = F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="none").sum(1)
+    return -(kl * agree).mean()
+
+
 @register_method("cmi", "CMI")
 class CMI(DataFreeBaseline):
+    synthesis_train = False
+
     def __init__(self, ctx):
         o = ctx.s2.baselines.cmi
         teacher = ctx.teachers["robust"]
@@ -57,10 +69,8 @@ class CMI(DataFreeBaseline):
             t_logits, t_feat = self.teacher(x, return_features=True)
         l_bn = self.bn.loss()
         l_oh = F.cross_entropy(t_logits, y)
-        s_logits = ctx.student(x)
-        agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
-        kl = F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="none").sum(1)
-        l_adv = -(kl * agree).sum() / agree.sum().clamp_min(1)
+        with self.synthesis():
+            l_adv = masked_adversarial_kl(t_logits, ctx.student(x))
         anchor = F.normalize(self.head(t_feat), dim=1)
         positive = self.embed(ctx.augment(x))
         l_cr = info_nce(anchor, positive, self.queue, o.cr_temperature)

@@ -4,8 +4,9 @@ so this row is labelled "DFARD-style" everywhere).
 Generator (from scratch): DFAD's adversarial L1 discrepancy plus a BN-statistics prior on the
 robust teacher whose weight is balanced online to the adversarial term's magnitude:
   L_G = −D(S(x), T(x)) + β·(|D| / L_BN)·L_BN        (ratio detached; β = ``bn_balance``)
-Student: the shared RSLAD-style robust KD at a learnable temperature τ that ascends the student's
-loss (a curriculum: the student makes the task harder for itself), clamped to [τ_min, τ_max].
+with the student in train mode, as in DFAD's code. Student: the shared RSLAD-style robust KD (τ²-scaled
+KLs) at a learnable temperature τ that ascends the student's loss (a curriculum: the student makes the
+task harder for itself), clamped to [τ_min, τ_max]; RSLAD's x_adv target the teacher's σ_τ at the current τ.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class DFARDStyle(DataFreeBaseline):
         with self.bn.recording():
             t = self.teacher(x)
         l_bn = self.bn.loss()
-        d = l1_discrepancy(ctx.student(x), t)
+        with self.synthesis():
+            d = l1_discrepancy(ctx.student(x), t)
         balance = o.bn_balance * (d.detach().abs() / l_bn.detach().clamp_min(1e-12))
         loss = -d + balance * l_bn
         ctx.update_generator(loss, it)

@@ -2,7 +2,7 @@
 
 The student is distilled from the robust teacher T_rob exactly as the data-free baselines distil it
 (:mod:`derd.distill.robust_kd`: same student, SGD/cosine optimiser, ``iterations × k_student`` steps,
-label-free KL-PGD adversarial examples and the RSLAD loss
+RSLAD's adversarial examples (KL-PGD towards the teacher's soft labels) and the RSLAD loss
 (1−α)·KL(σ_τ(T_rob(x)) ‖ σ_τ(S(x_adv))) + α·KL(σ_τ(T_rob(x)) ‖ σ_τ(S(x))), α = ``rslad_clean_weight``),
 but x is a batch of the dataset's training split (its labels are never read) instead of generated
 samples: there is no generator and no generator step. Batches walk seeded permutations of the training
@@ -22,7 +22,7 @@ from derd import data as datasets
 from derd.artifacts import CheckpointError
 from derd.distill import register_method
 from derd.distill.loop import Context, Method
-from derd.distill.robust_kd import robust_kd_loss
+from derd.distill.robust_kd import robust_kd_loss, rslad_adversarial, rslad_reading
 
 PSEUDO_DATA = "REAL training data (data-ful ceiling, not data-free)"
 
@@ -60,11 +60,12 @@ class RSLADReal(Method):
     def student_step(self, it: int) -> dict[str, Any]:
         ctx = self.ctx
         x = self.student_batch()
-        x_adv = ctx.adversarial(x)
         with torch.no_grad():
             t = self.teacher(x)
+        x_adv = rslad_adversarial(ctx, x, t, ctx.s2.tau)
         ctx.student.train()
-        loss = robust_kd_loss("rslad", self.opts.rslad_clean_weight, t, ctx.student(x), ctx.student(x_adv), ctx.s2.tau)
+        loss = robust_kd_loss("rslad", self.opts.rslad_clean_weight, t, ctx.student(x), ctx.student(x_adv), ctx.s2.tau,
+                              ctx.s2.kd_reduction)
         ctx.update_student(loss, it)
         return {"s_loss": loss.detach()}
 
@@ -74,7 +75,8 @@ class RSLADReal(Method):
                 "training_images": f"{len(self.train_set)} images of {self.ctx.cfg.data.name}'s training split "
                                    "(labels unused), seeded permutation per epoch",
                 "student_loss": f"RSLAD: (1−α)·KL(T_rob(x)‖S(x_adv)) + α·KL(T_rob(x)‖S(x)), α={a}",
-                "tau": self.ctx.s2.tau}
+                "tau": self.ctx.s2.tau, "kd_reduction": self.ctx.s2.kd_reduction,
+                "adversarial_examples": rslad_reading(self.ctx)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"perm": self.perm, "pos": self.pos, "data_key": self.data_key}

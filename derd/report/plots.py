@@ -1,9 +1,13 @@
 """Every figure the project draws, as PNG bytes (the callers write them atomically): the Stage-I sample
-grid, the ε-curve and the training-curve small multiples. The only module that imports matplotlib."""
+grid, the ε-curve, the training-curve small multiples and the clean-vs-AA plane. The only module that
+imports matplotlib."""
 from __future__ import annotations
 
 import io
 import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -109,6 +113,74 @@ def curves_png(series: dict[str, list[dict]], title: str, max_panels: int = 16) 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig, dpi=100)
+
+
+# ---------------------------------------------------------------- the clean-vs-AA plane
+# how each kind of row is drawn: (marker, colour or None for the next of the cycle, size, legend name)
+PLANE_STYLES = {
+    "teacher": ("*", "black", 14, "teacher"),
+    "reference": ("P", "dimgray", 10, "reference (real data)"),
+    "ceiling": ("s", "tab:green", 9, "data-ful ceiling"),
+    "no_tnat": ("D", "tab:red", 8, "w/o T_nat"),
+    "student": ("o", None, 7, "student"),
+}
+
+
+@dataclass(frozen=True)
+class PlanePoint:
+    """One row of a table on the plane: mean Clean and AA over its seeds, and their sample std (0 for one)."""
+
+    label: str
+    kind: str  # a key of PLANE_STYLES
+    clean: float
+    aa: float
+    clean_std: float
+    aa_std: float
+    seeds: int
+
+
+def plane_kind(kind: str | None, method: str | None = None) -> str:
+    """The plane's kind of an evaluated model: its eval kind (teacher, reference) or, for a student, its
+    method's (derd_no_tnat: no_tnat, rslad_real: ceiling, else student)."""
+    if kind in ("teacher", "reference"):
+        return kind
+    return {"derd_no_tnat": "no_tnat", "rslad_real": "ceiling"}.get(method or "", "student")
+
+
+def plane_points(rows: Iterable[tuple[str, str, Mapping[str, Sequence[float]]]]) -> list[PlanePoint]:
+    """``(label, kind, column -> one value per seed)`` rows as points; a row without Clean or AA values is left out."""
+    points = []
+    for label, kind, values in rows:
+        clean, aa = list(values.get("Clean") or []), list(values.get("AA") or [])
+        if not clean or not aa:
+            continue
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (clean, aa)]
+        points.append(PlanePoint(label, kind, statistics.mean(clean), statistics.mean(aa), *spread,
+                                 max(len(clean), len(aa))))
+    return points
+
+
+def plane_png(points: Sequence[PlanePoint], title: str) -> bytes:
+    """Clean % against AA %: a point per row (mean over seeds, error bars ± the seeds' std on both axes), the
+    teachers, the real-data reference, the data-ful ceiling and the w/o T_nat row drawn apart from the students."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    students, named = 0, set()
+    for p in points:
+        marker, colour, size, name = PLANE_STYLES[p.kind]
+        if colour is None:  # a colour per student row, named in the legend; the other kinds: once per kind
+            colour, students, name = f"C{students % 10}", students + 1, p.label
+        label, named = ("_nolegend_" if name in named else name), named | {name}
+        ax.errorbar(p.clean, p.aa, xerr=p.clean_std, yerr=p.aa_std, fmt=marker, color=colour, markersize=size,
+                    capsize=3, elinewidth=1, label=label)
+        ax.annotate(p.label, (p.clean, p.aa), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.margins(0.1)
+    ax.set(xlabel="Clean accuracy (%)", ylabel="AutoAttack accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig, dpi=120)
 
 
 def _number(value: object) -> float | None:

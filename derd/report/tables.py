@@ -25,8 +25,11 @@ from derd.report import plots
 from derd.runtime import Paths, git_commit, resolve_device
 
 COLUMNS = ("Clean", "FGSM", "PGD_S", "PGD_T", "CW", "AA", "Ave")
+# The evaluate stage's record (every model's row with its sanity flags, the settings, AutoAttack's version),
+# relative to the project; metrics/eval.json holds its table alone, the numbers DVC shows.
+EVALUATION = "artifacts/evaluation.json"
 # The supplementary's row order and labels (Table 1); methods not listed follow in config order.
-METHOD_LABELS = {"dafl": "DAFL", "dfad": "DFAD", "zskt": "ZSKT", "cmi": "CMI", "dfard": "DFARD-style",
+METHOD_LABELS = {"dafl": "DAFL", "dfad": "DFAD", "zskt": "ZSKT", "cmi": "CMI", "dfard": "DFARD-style", "ferd": "FERD",
                  "derd_inv": "DERD_inv", "derd_no_tnat": "w/o T_nat", "derd": "DERD", "rslad_real": "RSLAD-real (data-ful)"}
 # Reconstructed [R] choices of METHOD.md that are configuration keys (the report prints which ran).
 RECONSTRUCTED = (
@@ -66,7 +69,8 @@ class Row:
 
 # ---------------------------------------------------------------- inputs
 def load_eval(root: Path) -> dict:
-    path = Paths(root).metrics / "eval.json"
+    """The evaluate stage's record (:data:`EVALUATION`); :class:`ReportError` naming the file when unusable."""
+    path = Paths(root).root / EVALUATION
     if not path.is_file():
         raise ReportError(f"{path}: not found; run `derd evaluate` (or `dvc repro`) first")
     try:
@@ -156,6 +160,21 @@ def training_figures(root: Path, stage1_units: list[str], students: list[str]) -
     return out
 
 
+def plane_figure(rows: list[Row], evaluation: dict, figures: Path) -> dict[str, Path]:
+    """The table's rows on the clean-vs-AA plane (teachers and each method's students, seed spread), drawn
+    into ``figures``/plane.png; title -> file (none when no row has both columns)."""
+    models = {r["model"]: r for r in evaluation["rows"]}
+
+    def kind(model: dict) -> str:
+        return plots.plane_kind(model.get("kind"), model.get("method") or model["model"].rsplit("-seed", 1)[0])
+
+    points = plots.plane_points((r.label, kind(models[r.models[0]]), r.values) for r in rows)
+    if not points:
+        return {}
+    png = plots.plane_png(points, f"{evaluation.get('dataset', '?')}: clean vs AutoAttack accuracy of the run's models")
+    return {"Clean vs AA (mean ± sample std over seeds)": write_bytes(figures / "plane.png", png)}
+
+
 # ---------------------------------------------------------------- rendering
 def markdown(rows: list[Row], sections: dict[str, object], images: dict[str, Path], evaluation: dict,
              reports: Path, runs_url: str | None = None) -> str:
@@ -217,18 +236,22 @@ def run(cfg: Config, root: Path = Path("."), runs_url: str | None = None) -> dic
     paths = Paths(root)
     evaluation = load_eval(root)
     stage1_units, students = cfg.stage1_units(), cfg.student_units()
-    distill = {u: _optional_json(paths.metrics / "distill" / f"{u}.json") for u in students}
+    distill = {u: _optional_json(paths.students / f"{u}.json") for u in students}  # the sidecars: each reading
     rows = table_rows(evaluation)
     images = {"ε-curves (PGD_S)": paths.plots / "eps_curve.png"}
-    images |= {f"Generated samples (Stage-I {u})": paths.plots / "warmup" / f"{u}.png" for u in stage1_units}
+    images |= {f"Generated samples (Stage-I {u})": paths.plots / "warmup" / f"{u}.png" for u in stage1_units
+               if u != "inversion_pool" or cfg.stage1.inversion.pool_size}  # an empty pool has no samples
     images = {t: p for t, p in images.items() if p.is_file()} | training_figures(root, stage1_units, students)
+    images = plane_figure(rows, evaluation, paths.reports / "figures") | images  # first: it reads the table
     sections = {
         "Sanity checks": {r["model"]: r.get("sanity") or "not run" for r in evaluation["rows"]},
         "Reconstructed choices (METHOD.md [R]) that ran": reconstructed(cfg, distill),
-        "Teachers": _optional_json(paths.metrics / "teachers.json") or "not available",
+        "Teachers": {role: check for role in ("natural", "robust")
+                     if (check := _optional_json(paths.teachers / f"{role}.json").get("metrics"))},
         "Environment": environment(cfg, root, evaluation),
         "Configuration (params)": cfg.model_dump(mode="json"),
     }
+    sections = {title: body for title, body in sections.items() if body}  # a section with nothing to show is left out
     html_path = write_text(paths.reports / "report.html", html_page(rows, sections, images, evaluation, runs_url))
     md_path = write_text(paths.reports / "report.md", markdown(rows, sections, images, evaluation, paths.reports, runs_url))
     return {"html": str(html_path), "markdown": str(md_path), "rows": len(rows), "models": len(evaluation["rows"]),

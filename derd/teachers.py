@@ -27,7 +27,7 @@ from derd.artifacts import (
 from derd.attacks import KLPGD, PGD, robust_flags
 from derd.config import Config, NaturalTeacher, RobustTeacher
 from derd.models import Classifier, build_model
-from derd.resume import ResumeState, make_key
+from derd.resume import ResumeState, make_key, restore_rng, rng_state
 from derd.runtime import (Paths, autocast, check_stop, grad_scaler, log, prepare_model, progress, resolve_device,
                           runtime_record, seed_everything)
 
@@ -82,7 +82,7 @@ def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         loader.generator.set_state(state["loader_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng(state, device)
         start, history = int(state["epoch"]), list(state["history"])
         log.info("%s: resuming after epoch %d (%s)", desc, start, resume.path)
     for i in progress(opt_cfg.epochs - start, desc):
@@ -108,7 +108,7 @@ def train_teacher(model: nn.Module, train_set, spec: NaturalTeacher, cfg: Config
         history.append({"epoch": epoch, **distributed.average_floats({"loss": total.item() / seen})})
         if resume is not None and epoch + 1 < opt_cfg.epochs and distributed.is_main():
             resume.save(epoch=epoch + 1, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        loader_rng=loader.generator.get_state(), torch_rng=torch.get_rng_state(), history=history)
+                        loader_rng=loader.generator.get_state(), history=history, **rng_state(device))
     model.eval()
     return history
 
@@ -172,7 +172,7 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
     seconds = time.monotonic() - start
     if not distributed.is_main():  # rank 0 checks and writes the artifact
         return {}
-    x, y = datasets.first_n(splits.val, min(len(splits.val), CHECK_EXAMPLES))
+    x, y = datasets.stratified_n(splits.val, CHECK_EXAMPLES)
     eps = cfg.teachers.robust.attack.eps
     metrics = {
         "split": "val",
@@ -198,9 +198,11 @@ def prepare_teacher(cfg: Config, role: str, splits: datasets.Splits, root: Path 
 
 def run(cfg: Config, root: Path = Path("."), prepare: Callable[..., dict] = prepare_teacher) -> dict:
     """The teachers stage: both experts (each by ``prepare``, e.g. a pipeline task wrapping
-    :func:`prepare_teacher`), then ``metrics/teachers.json``."""
+    :func:`prepare_teacher`), then ``metrics/teachers.json``: each one's accuracies (the check's settings and
+    timing are in its sidecar)."""
     splits = datasets.load(cfg.data)
     results = {role: prepare(cfg, role, splits, root) for role in ROLES}
     if distributed.is_main():
-        write_json(Paths(root).metrics / "teachers.json", results)
+        write_json(Paths(root).metrics / "teachers.json",
+                   {role: {k: r[k] for k in ("clean_acc", "pgd_acc")} for role, r in results.items()})
     return results

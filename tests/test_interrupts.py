@@ -1,9 +1,10 @@
 """Runs survive kills: SIGTERM stops a stage within seconds with its resume state intact, and a stage
 killed with SIGKILL at a random point resumes to exactly the result of an uninterrupted run.
 
-Parity per stage: teachers (SIGKILL here, bitwise), Stage-I generator and pool and Stage-II students
-(crash-and-resume tests in test_warmup.py / test_distill.py, bitwise on CPU). Resume states are written
-atomically, so a SIGKILL at any instant leaves either the previous or the next complete state.
+Parity per stage, with the work a resume redoes counted: teachers (SIGKILL here, bitwise), Stage-I generator
+and pool and Stage-II students (crash-and-resume tests in test_warmup.py / test_resume.py, bitwise on CPU).
+Resume states are written atomically, so a SIGKILL at any instant leaves either the previous or the next
+complete state.
 """
 from __future__ import annotations
 
@@ -41,11 +42,23 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_teacher_killed_at_a_random_point_resumes_bitwise(tmp_path):
+def _counting_losses(monkeypatch) -> list[int]:
+    """Count the teacher's training steps (one loss per batch) from here on."""
+    calls, loss = [], teachers._teacher_loss
+    monkeypatch.setattr(teachers, "_teacher_loss", lambda *a: calls.append(1) or loss(*a))
+    return calls
+
+
+def test_teacher_killed_at_a_random_point_resumes_bitwise(tmp_path, monkeypatch):
+    """…and the resume trains only the epochs after its last state: (M − N) epochs' steps, not M's."""
     cfg = _teacher_cfg()
     torch.set_num_threads(1)
     reference = tmp_path / "reference"
+    steps = _counting_losses(monkeypatch)
     teachers.prepare_teacher(cfg, "natural", data.load(cfg.data), reference)
+    epochs = cfg.teachers.natural.train.epochs
+    per_epoch, remainder = divmod(len(steps), epochs)
+    assert remainder == 0 and per_epoch > 0
 
     killed = tmp_path / "killed"
     params = tmp_path / "params.yaml"
@@ -66,7 +79,10 @@ def test_teacher_killed_at_a_random_point_resumes_bitwise(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert not Paths(killed).teacher("natural").exists(), "killed before the end: no artifact"
+    done = load_tensors(Paths(killed).checkpoints / "teacher_natural.pt")["epoch"]
+    steps.clear()
     teachers.prepare_teacher(cfg, "natural", data.load(cfg.data), killed)
+    assert len(steps) == (epochs - done) * per_epoch, f"resumed after epoch {done} of {epochs}, but redid other work"
     a, b = load_tensors(Paths(reference).teacher("natural")), load_tensors(Paths(killed).teacher("natural"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed teacher differs"
     assert not (Paths(killed).checkpoints / "teacher_natural.pt").exists(), "a finished teacher drops its state"

@@ -14,7 +14,7 @@ from derd.losses import StageOneLoss
 from derd.models import build_generator
 from derd.runtime import Paths, seed_everything
 from derd.stage1 import warmup
-from derd.stage1.health import batch_health, generator_health
+from derd.stage1.health import batch_health, batch_statistics, generator_health
 
 # Micro warm-up (tiny_config, 60 steps), measured over seeds 0-4 (teacher and generator seeded together):
 # L_G^I drop 7.8 / 11.4 / 10.7 / 11.3 / 10.9, class-balance gain 0.27 / 0.98 / 0.91 / 0.95 / 0.92.
@@ -55,7 +55,8 @@ def test_run_writes_every_artifact(stage1_run):
         assert sum(meta["health"]["class_histogram"]) == cfg.stage1.health_samples
     assert read_json(sidecar_path(paths.inversion_pool))["teacher_role"] == "natural"
     for unit in ("generator_natural", "generator_robust", "inversion_pool"):
-        assert read_json(paths.metrics / "warmup" / f"{unit}.json")["params_hash"] == warmup.params_hash(cfg, unit)
+        assert read_json(paths.metrics / "warmup" / f"{unit}.json") == warmup.finals(read_json(sidecar_path(
+            paths.inversion_pool if unit == "inversion_pool" else paths.generator(unit.removeprefix("generator_")))))
         assert (paths.plots / "warmup" / f"{unit}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(paths.checkpoints.glob("stage1_*")), "finished units leave no resume state behind"
 
@@ -155,6 +156,46 @@ def test_batch_health_sees_a_collapsed_batch_and_the_experts_agreement():
     assert "agree_nat_rob" not in batch_health(images, logits)
 
 
+def _bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_batch_statistics_samples_ignore_running_statistics_and_restore_the_generator():
+    torch.manual_seed(0)
+    g = build_generator("dafl", 4, (1, 8, 8)).eval()
+    saved = _bn_buffers(g)
+    with batch_statistics(g):
+        first = warmup.sample(g, 40, 0, 16)
+        for name, b in g.named_buffers():  # other running statistics: batch-statistics samples do not see them
+            if "running" in name:
+                b.mul_(3).add_(1)
+        assert torch.equal(warmup.sample(g, 40, 0, 16), first)
+    assert not g.training, "the mode is put back"
+    assert all(torch.equal(v, saved[k]) for k, v in _bn_buffers(g).items()), "the running statistics are put back"
+    assert not torch.allclose(warmup.sample(g, 40, 0, 16), first), "eval mode would have measured other samples"
+    with batch_statistics(g.train()):
+        pass
+    assert g.training
+
+
+def test_generator_health_measures_the_samples_stage2_draws(teacher_root, tmp_path, monkeypatch):
+    """Stage-II samples its generator in train mode: the warm-up's health (and its final terms) must see those
+    samples, and measuring them must not move the running statistics the artifact saves."""
+    cfg = tiny_config(iterations=3, generators=["natural"], inversion={"pool_size": 0})
+    root = _copy_teachers(teacher_root, tmp_path)
+    real_sample, seen = warmup.sample, {}
+
+    def recording_sample(generator, *args):
+        seen.update(training=generator.training, buffers=_bn_buffers(generator))
+        return real_sample(generator, *args)
+
+    monkeypatch.setattr(warmup, "sample", recording_sample)
+    warmup.train_generator(cfg, root, "natural", torch.device("cpu"), [])
+    assert seen["training"], "health samples drawn with BatchNorm's running statistics (eval mode)"
+    saved = torch.load(Paths(root).generator("natural"), weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in seen["buffers"].items()), "health sampling moved BN statistics"
+
+
 def test_warmup_resumes_to_the_same_generator(teacher_root, tmp_path, monkeypatch):
     cfg = tiny_config(iterations=25, checkpoint_every=5, generators=["natural"],
                       inversion={"pool_size": 0})
@@ -197,6 +238,19 @@ def test_warmup_resumes_to_the_same_generator(teacher_root, tmp_path, monkeypatc
     steps_run.clear()
     warmup.train_generator(cfg, broken, "natural", torch.device("cpu"), [])
     assert steps_run == list(range(25))
+
+
+def test_a_state_written_on_another_device_is_discarded_not_loaded(teacher_root, tmp_path, caplog):
+    """A GPU's random stream (a Philox state) cannot continue on the CPU: its resume state starts over."""
+    cfg = tiny_config(iterations=6, generators=["natural"], inversion={"pool_size": 0})
+    root = _copy_teachers(teacher_root, tmp_path)
+    teacher_hash = file_hash(Paths(root).teacher("natural"))
+    gpu = warmup.resume_state(cfg, root, "generator_natural", teacher_hash, torch.device("cuda"))
+    gpu.save(step=3, generator={}, optimizer={}, z_rng=torch.zeros(16, dtype=torch.uint8), rows=[])
+    rows: list[dict] = []
+    with caplog.at_level("WARNING", logger="derd"):
+        warmup.train_generator(cfg, root, "natural", torch.device("cpu"), rows)
+    assert "discarding resume state" in caplog.text and [r["step"] for r in rows] == list(range(6))
 
 
 def test_nan_stops_the_warmup_loudly(teacher_root, tmp_path, monkeypatch):

@@ -7,11 +7,29 @@ score (mean pairwise RMS pixel distance between samples, in [0,1] pixel units).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 DIVERSITY_SAMPLES = 256  # pairwise distances are computed on at most this many samples
+
+
+@contextmanager
+def batch_statistics(generator: nn.Module) -> Iterator[nn.Module]:
+    """``generator`` in train mode, as Stage-II samples it (BatchNorm normalises each batch with that batch's
+    statistics); on exit its mode and buffers are put back (the running statistics train-mode forwards update)."""
+    mode = generator.training
+    buffers = {name: b.clone() for name, b in generator.named_buffers()}
+    generator.train()
+    try:
+        yield generator
+    finally:
+        generator.train(mode)
+        with torch.no_grad():
+            for name, b in generator.named_buffers():
+                b.copy_(buffers[name])
 
 
 @torch.no_grad()

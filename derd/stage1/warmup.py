@@ -4,7 +4,7 @@ and build DERD_inv's inversion pool.
 Units of work (DVC runs one stage each): ``generator_<role>`` for each role in ``stage1.generators``
 (``robust``: the same warm-up on the robust teacher, for derd_no_tnat) and ``inversion_pool`` (empty
 when ``stage1.inversion.pool_size`` is 0). Each writes ``artifacts/stage1/<unit>.pt`` with a JSON
-sidecar, ``metrics/warmup/<unit>.json`` (health and loss terms), ``plots/warmup/<unit>.csv`` (every
+sidecar, ``metrics/warmup/<unit>.json`` (:func:`finals`), ``plots/warmup/<unit>.csv`` (every
 raw and weighted term per step) and ``plots/warmup/<unit>.png`` (samples labelled with the
 teacher's class and confidence).
 Training resumes from ``artifacts/checkpoints/stage1_<artifact>.pt`` when its key (params, teacher weights,
@@ -41,7 +41,7 @@ from derd.report import plots
 from derd.resume import ResumeState, make_key
 from derd.runtime import (Paths, autocast, grad_scaler, log, prepare_model, progress, resolve_device, runtime_record,
                           seed_everything)
-from derd.stage1.health import generator_health, teacher_predictions
+from derd.stage1.health import batch_statistics, generator_health, teacher_predictions
 from derd.stage1.inversion import optimise_batch
 from derd.teachers import load_teacher
 
@@ -59,6 +59,13 @@ def params_hash(cfg: Config, unit: str) -> str:
     return cfg.section_hash("seed", "data.name", "data.image_size", "stage1", f"teachers.{role}.arch",
                             f"teachers.{role}.width", f"teachers.{role}.normalize",
                             exclude=("stage1.generators", *other))
+
+
+def resume_state(cfg: Config, root: Path, unit: str, teacher_hash: str, device: torch.device) -> ResumeState:
+    """A unit's resume state, keyed by its params, its teacher's weights and the device type (its random streams
+    live on the device that wrote it: a GPU's state is discarded on the CPU, not fed to a CPU generator)."""
+    key = make_key(params_hash(cfg, unit), [teacher_hash, f"device:{device.type}"])
+    return ResumeState(Paths(root).checkpoints / f"stage1_{unit}.pt", key)
 
 
 def lr_at(step: int, base_lr: float, total: int, schedule: str) -> float:
@@ -84,12 +91,14 @@ def _log_terms(name: str, step: int, terms: dict[str, float]) -> None:
 
 @torch.no_grad()
 def sample(generator: nn.Module, n: int, seed: int, batch_size: int = 256) -> torch.Tensor:
-    """``n`` samples G(z), z ~ N(0, I) from a seeded RNG, on the CPU (the generator's mode is kept)."""
+    """``n`` samples G(z), z ~ N(0, I) from a seeded RNG, on the CPU (the generator's mode is kept), in batches
+    of at most ``batch_size`` and of near-equal sizes (in train mode each batch is normalised by its own statistics)."""
     device = next(generator.parameters()).device
     rng = torch.Generator(device).manual_seed(seed)
+    batches = -(-n // batch_size)
     out = []
-    for i in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - i), generator.nz, generator=rng, device=device)
+    for i in range(batches):
+        z = torch.randn(n // batches + (i < n % batches), generator.nz, generator=rng, device=device)
         out.append(generator(z).cpu())
     return torch.cat(out)
 
@@ -116,7 +125,7 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
     scaler = grad_scaler(cfg, device)
     distributed.share(s1.batch_size, "stage1.batch_size")
     z_rng = torch.Generator(device).manual_seed(cfg.seed)
-    resume = ResumeState(paths.checkpoints / f"stage1_{name}.pt", make_key(params_hash(cfg, name), [teacher_hash]))
+    resume = resume_state(cfg, root, name, teacher_hash, device)
     own_rows: list[dict] = []
     start = 0
     if state := resume.load():
@@ -152,8 +161,8 @@ def train_generator(cfg: Config, root: Path, role: str, device: torch.device, ro
         distributed.average_buffers(generator)  # BatchNorm running statistics of every rank's batches
         if not distributed.is_main():
             return {}
-        generator.eval()
-        images = sample(generator, s1.health_samples, cfg.seed + HEALTH_SEED_OFFSET, s1.batch_size)
+        with batch_statistics(generator):  # health of the samples Stage-II draws (train mode)
+            images = sample(generator, s1.health_samples, cfg.seed + HEALTH_SEED_OFFSET, s1.batch_size)
         final = pool_terms(loss_fn, images, s1.batch_size)
     seconds = time.monotonic() - began
     health = generator_health(teacher, images, info.num_classes, s1.collapse_threshold, s1.min_diversity)
@@ -184,10 +193,11 @@ def build_inversion_pool(cfg: Config, root: Path, device: torch.device, rows: li
         images = torch.zeros(0, *info.shape)
         summary = {"teacher_role": "natural", "teacher_sha256": teacher_hash, "disabled": "stage1.inversion.pool_size is 0"}
         save_artifact(paths.inversion_pool, {"images": images}, {"kind": "inversion_pool", "pool_size": 0,
-                                                                  "dataset": info.name, **summary})
+                                                                  "dataset": info.name,
+                                                                  "params_hash": params_hash(cfg, POOL), **summary})
         return {**summary, "samples": images}
     rng = torch.Generator(device).manual_seed(cfg.seed + 1)
-    resume = ResumeState(paths.checkpoints / f"stage1_{POOL}.pt", make_key(params_hash(cfg, POOL), [teacher_hash]))
+    resume = resume_state(cfg, root, POOL, teacher_hash, device)
     sizes = [min(inv.batch_size, inv.pool_size - i) for i in range(0, inv.pool_size, inv.batch_size)]
     batches: list[torch.Tensor] = []
     own_rows: list[dict] = []
@@ -255,8 +265,17 @@ def run_unit(cfg: Config, root: Path, unit: str) -> dict:
     write_rows(paths.plots / "warmup" / f"{unit}.csv", rows)
     probs = teacher_predictions(teacher, samples[:40]) if len(samples) else torch.zeros(0, 1)
     write_bytes(paths.plots / "warmup" / f"{unit}.png", plots.sample_grid_png({unit: samples}, {unit: probs}))
-    write_json(paths.metrics / "warmup" / f"{unit}.json", {**result, "params_hash": params_hash(cfg, unit)})
+    write_json(paths.metrics / "warmup" / f"{unit}.json", finals(result))
     return result
+
+
+def finals(result: dict) -> dict[str, float]:
+    """What ``metrics/warmup/<unit>.json`` holds, the numbers runs are compared by: the final L_G^I and the
+    samples' health (every term, the class histogram and the warnings are in the unit's sidecar; none for an
+    empty pool)."""
+    health = result.get("health") or {}
+    out = {"total": result["final_terms"]["total"]} if "final_terms" in result else {}
+    return out | {k: health[k] for k in ("balance", "diversity", "mean_confidence", "max_class_share") if k in health}
 
 
 def run(cfg: Config, root: Path = Path(".")) -> dict:

@@ -167,7 +167,7 @@ def fixed_cost_modes(work: Path, env: dict[str, str], reps: int) -> dict[str, An
 
 def aa_versions(work: Path, reps: int) -> dict[str, Any]:
     """Seconds and robust accuracy of the evaluate stage's AutoAttack on each of the clone's models (its
-    ``eval`` settings and first ``n_examples``), as ``custom`` with ``standard-apgd``'s two attacks and as
+    ``eval`` settings and examples), as ``custom`` with ``standard-apgd``'s two attacks and as
     ``standard-apgd``, interleaved ``reps`` times (the medians)."""
     from derd import config, data
     from derd.evaluation.autoattack import AutoAttack
@@ -177,7 +177,7 @@ def aa_versions(work: Path, reps: int) -> dict[str, Any]:
     with contextlib.chdir(work):  # data.root as the clone's stages read it
         cfg = config.load("params.yaml")
         ev, splits = cfg.eval, data.load(cfg.data)
-    x, y = data.first_n(getattr(splits, ev.split), min(ev.autoattack.n_examples or ev.n_examples, ev.n_examples))
+    x, y = data.stratified_n(getattr(splits, ev.split), ev.n_examples)
     versions = {"custom": ("custom", ["apgd-ce", "apgd-t"]), "standard-apgd": ("standard-apgd", None)}
     rows = {}
     for item in models_to_evaluate(cfg, work, splits, resolve_device(cfg.device)):

@@ -386,9 +386,51 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_
                                        num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
 
 
-def first_n(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` examples of a dataset as two stacked tensors (evaluation subsets). Only those ``n``
-    are read (an ImageFolder decodes n files), never the whole split."""
-    n = min(n, len(dataset))
-    xs, ys = zip(*(dataset[i] for i in range(n)))
+def _stack(dataset: Dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(dataset[int(i)] for i in indices))
     return torch.stack(xs), torch.as_tensor(ys)
+
+
+def first_n(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` examples of a dataset as two stacked tensors. Only those ``n`` are read (an
+    ImageFolder decodes n files), never the whole split."""
+    return _stack(dataset, range(min(n, len(dataset))))
+
+
+SUBSET_SEED = 0  # the evaluation subsets' fixed seed: every run, stage and experiment evaluates the same examples
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """Every example's label, read from what the dataset keeps (``targets`` of torchvision's datasets, a
+    :class:`TensorDataset`'s second tensor, through :class:`Subset` indices) without decoding an image; a
+    dataset that keeps none is read item by item."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        return dataset.tensors[1].numpy()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def stratified_order(labels: np.ndarray, n: int, seed: int = SUBSET_SEED) -> list[int]:
+    """Indices of ``n`` examples, classes as balanced as ``n`` allows: each class's examples in a seeded
+    random order, then taken round-robin (rank 0 of every class in class order, then rank 1, ...). So any
+    prefix is balanced too (counts differ by at most 1 while every class has examples left), a smaller
+    ``n`` picks a prefix of a larger one's, and a class-sorted split is covered as evenly as a shuffled one."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order: list[int] = []
+    for rank in range(max((len(p) for p in per_class), default=0)):
+        if len(order) >= n:
+            break
+        order += [int(p[rank]) for p in per_class if rank < len(p)]
+    return order[:n]
+
+
+def stratified_n(dataset: Dataset, n: int, seed: int = SUBSET_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed stratified subset of ``n`` examples (:func:`stratified_order`; the evaluation's examples, the
+    teachers' check, the Stage-II monitor) as two stacked tensors. Only those ``n`` images are read when the
+    dataset keeps its labels (:func:`labels_of`)."""
+    return _stack(dataset, stratified_order(labels_of(dataset), n, seed))

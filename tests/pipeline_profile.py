@@ -25,7 +25,7 @@ MICRO: dict = {
                "attack": {"eps": 0.2, "steps": 1, "step_size": 0.2}},
     "eval": {"n_examples": 16, "batch_size": 16, "pgd_s": {"steps": 1, "step_size": 0.2},
              "pgd_t": {"steps": 1, "step_size": 0.2}, "cw": {"steps": 1, "step_size": 0.2},
-             "autoattack": {"version": "custom", "attacks": ["apgd-ce"], "n_examples": 4},
+             "autoattack": {"version": "custom", "attacks": ["apgd-ce"]},
              "sanity": {"enabled": False},  # covered by tests/test_evaluate.py; costly per model
              "eps_curve": [0.0, 1.0]},
 }

@@ -153,6 +153,56 @@ def test_first_n_reads_only_n_examples():
     assert Counting.reads == 5 and x.shape == (5, 1, 2, 2) and y.tolist() == [0, 1, 2, 3, 4]
 
 
+class ClassSorted(torch.utils.data.Dataset):
+    """A split stored in class order (like an ImageFolder: 0 0 0 ... 1 1 ...), labels kept in ``targets``;
+    counts the images it decodes."""
+
+    def __init__(self, counts: list[int]):
+        self.targets = [c for c, k in enumerate(counts) for _ in range(k)]
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return torch.full((1, 2, 2), float(i)), self.targets[i]
+
+
+def test_stratified_subset_covers_every_class_evenly_and_is_fixed():
+    """Issue 25: the first n images of a class-sorted split cover only its first classes; the evaluation
+    subsets take every class, counts differing by at most 1, the same examples on every call."""
+    counts = [40, 25, 60, 31, 33, 50, 27]  # 7 classes, class-sorted, unequal sizes
+    for n in (7, 20, 100):
+        split = ClassSorted(counts)
+        x, y = data.stratified_n(split, n)
+        per_class = torch.bincount(y, minlength=len(counts))
+        assert len(y) == n and per_class.min() >= 1 and per_class.max() - per_class.min() <= 1, (n, per_class)
+        assert split.reads == n  # only the chosen images are decoded
+        again_x, again_y = data.stratified_n(ClassSorted(counts), n)
+        assert torch.equal(x, again_x) and torch.equal(y, again_y)  # identical across calls, order included
+        assert len(set(x[:, 0, 0, 0].tolist())) == n  # n distinct examples
+    assert data.first_n(ClassSorted(counts), 100)[1].unique().tolist() == [0, 1, 2]  # what it replaces
+    # any prefix is balanced too (the sanity checks take the first eval.sanity.n_examples), and a smaller n
+    # picks a prefix of a larger n's subset
+    _, y = data.stratified_n(ClassSorted(counts), 150)
+    prefix = torch.bincount(y[:50], minlength=len(counts))
+    assert prefix.max() - prefix.min() <= 1
+    assert torch.equal(data.stratified_n(ClassSorted(counts), 50)[1], y[:50])
+    # a class smaller than its share gives all it has; the others stay within 1 of each other
+    _, y = data.stratified_n(ClassSorted([3, 40, 40, 40]), 60)
+    assert torch.bincount(y).tolist()[0] == 3 and max(torch.bincount(y)[1:]) - min(torch.bincount(y)[1:]) <= 1
+
+
+def test_stratified_subset_reads_labels_through_subsets_and_tensor_datasets():
+    labels = torch.arange(30) // 10  # class-sorted: 0 x10, 1 x10, 2 x10
+    tensors = torch.utils.data.TensorDataset(torch.arange(30.0)[:, None], labels)
+    subset = torch.utils.data.Subset(tensors, list(range(5, 30)))
+    assert data.labels_of(subset).tolist() == labels[5:].tolist()
+    x, y = data.stratified_n(subset, 6)
+    assert torch.bincount(y).tolist() == [2, 2, 2] and all(x[:, 0] >= 5)
+
+
 def test_loader_workers_and_pinning():
     ds = torch.utils.data.TensorDataset(torch.arange(10.0))
     plain = data.loader(ds, 4, shuffle=True, seed=0)

@@ -1,23 +1,30 @@
 """Evaluation stage: sanity checks catch a gradient-masked model and pass an honest one; the stage
-writes the table, flags and eps-curves; it resumes from per-example flags; bad inputs fail clearly."""
+writes the table, flags and eps-curves; it resumes from per-example flags; bad inputs fail clearly.
+Robust means right both clean and attacked; AutoAttack runs at eval.eps on every evaluated example and
+its flags are the official package's."""
 from __future__ import annotations
 
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from eval_models import EPS, Quantised, eval_batch, tiny_model
+from eval_models import EPS, Quantised, eval_batch, splits, tiny_model
+from torch import nn
 
 from derd import config
+from derd import data as datasets
 from derd.artifacts import CheckpointError, save_artifact
-from derd.attacks import robust_flags
-from derd.evaluation import evaluate
+from derd.attacks import CW, FGSM, PGD, robust_flags
+from derd.evaluation import autoattack, evaluate
 from derd.evaluation.autoattack import AutoAttack
 from derd.evaluation.eps_curve import eps_curve
 from derd.evaluation.flags import FlagStore
 from derd.evaluation.sanity import CHECKS, run_checks
 
 N = 48
+AA_SLACK = 100 * 2 / N  # two examples, in percent
 EVAL = {
     "eps": EPS, "n_examples": N, "batch_size": 64,
     "pgd_s": {"steps": 10, "step_size": EPS / 4}, "pgd_t": {"steps": 10, "step_size": EPS / 5},
@@ -74,8 +81,7 @@ def _project(tmp_path, students=("derd-seed0",)):
 
 def test_stage_writes_table_flags_curves_and_resumes(tmp_path, monkeypatch):
     _project(tmp_path)
-    cfg = _cfg(sanity={"n_examples": 16, "square_queries": 50}, autoattack={"version": "custom",
-                                                                           "attacks": ["apgd-ce"], "n_examples": 32})
+    cfg = _cfg(sanity={"n_examples": 16, "square_queries": 50}, autoattack={"version": "custom", "attacks": ["apgd-ce"]})
     result = evaluate.run(cfg, tmp_path)
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["Nature", "SAT", "derd-seed0"]
@@ -85,12 +91,15 @@ def test_stage_writes_table_flags_curves_and_resumes(tmp_path, monkeypatch):
         assert r["Ave"] == pytest.approx(sum(values) / 6, abs=0.01)
         assert r["Clean"] >= r["PGD_S"] and all(0 <= v <= 100 for v in values)
         assert set(r["runtime_s"]) >= set(evaluate.COLUMNS) and set(r["sanity"]) == set(CHECKS)
-        assert r["n"] == N and r["n_aa"] == 32 and isinstance(r["suspect"], bool)
+        assert r["n"] == N and isinstance(r["suspect"], bool)
+        # AutoAttack (APGD-CE, 100 iterations x 5 restarts) is no weaker than any fixed-step column on the same
+        # examples, up to AA_SLACK (points): a flipped comparison points to AA at the wrong eps or examples
+        assert all(r["AA"] <= r[c] + AA_SLACK for c in ("FGSM", "PGD_S", "PGD_T", "CW")), r
     assert rows["derd-seed0"]["method"] == "derd" and rows["derd-seed0"]["seed"] == 0
     assert rows["Nature"]["PGD_S"] < rows["SAT"]["PGD_S"]
     (sat_flags,) = [p for p in (tmp_path / "artifacts/eval_flags").glob("SAT-*.json") if ".aa." not in p.name]
     flags = json.loads(sat_flags.read_text())
-    assert len(flags["entries"]["PGD_S"]["flags"]) == N and len(flags["entries"]["AA"]["flags"]) == 32
+    assert len(flags["entries"]["PGD_S"]["flags"]) == N and len(flags["entries"]["AA"]["flags"]) == N
     assert 100 * sum(flags["entries"]["PGD_S"]["flags"]) / N == pytest.approx(rows["SAT"]["PGD_S"], abs=0.01)
     table = (tmp_path / "metrics/eval_table.md").read_text()
     assert "| Nature |" in table and "| SAT |" in table and "| derd-seed0 |" in table and "Ave" in table
@@ -158,7 +167,7 @@ def test_student_without_sidecar_is_a_clear_error(tmp_path):
 def test_only_the_recorded_students_are_evaluated(tmp_path):
     """Leftovers of earlier methods or seeds in artifacts/students/ are not rows of this configuration."""
     _project(tmp_path, students=("derd-seed0", "dfad-seed3"))
-    cfg = _cfg(sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"], "n_examples": 4})
+    cfg = _cfg(n_examples=4, sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"]})
     assert [r["model"] for r in evaluate.run(cfg, tmp_path)["rows"]] == ["Nature", "SAT", "derd-seed0"]
     with pytest.raises(CheckpointError, match="derd-seed1.pt.*not found"):
         evaluate.run(config.parse({**cfg.model_dump(), "stage2": {"seeds": [0, 1]}}), tmp_path)
@@ -167,7 +176,7 @@ def test_only_the_recorded_students_are_evaluated(tmp_path):
 def test_attack_code_or_autoattack_version_change_recomputes_the_flags(tmp_path, monkeypatch):
     """Flags are keyed by the attack code and the AutoAttack package: a fixed attack is never served stale."""
     _project(tmp_path)
-    cfg = _cfg(sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"], "n_examples": 4})
+    cfg = _cfg(n_examples=4, sanity={"enabled": False}, autoattack={"version": "custom", "attacks": ["apgd-ce"]})
     evaluate.run(cfg, tmp_path)
     calls = []
     real = evaluate.robust_flags
@@ -184,6 +193,86 @@ def test_attack_code_or_autoattack_version_change_recomputes_the_flags(tmp_path,
     assert len(calls) == 3 * 5, "another AutoAttack version: the flags are recomputed"
 
 
+def test_the_code_behind_stored_flags_is_in_the_flags_key():
+    """What decides a stored flag (the attacks, the robust rule, AutoAttack's driver, the checks, the curve)
+    lives in the files :data:`evaluate.EVAL_CODE` hashes into the key, so a fix there never serves old flags."""
+    package = Path(evaluate.__file__).parents[1]
+    keyed = [package / part for part in evaluate.EVAL_CODE]
+    for thing in (robust_flags, FGSM, PGD, CW, AutoAttack, run_checks, eps_curve, FlagStore):
+        source = Path(inspect.getsourcefile(thing))
+        assert any(source == k or k in source.parents for k in keyed), f"{thing.__name__}: {source} is not keyed"
+
+
 def test_unknown_autoattack_attack_is_a_config_error():
     with pytest.raises(config.ConfigError, match="eval.autoattack.attacks"):
         _cfg(autoattack={"version": "custom", "attacks": ["apgd-xx"]})
+
+
+def test_removed_autoattack_n_examples_is_a_config_error_saying_why():
+    for value in (100, None):
+        with pytest.raises(config.ConfigError, match=r"eval.autoattack.n_examples: removed: .*one set of examples"):
+            _cfg(autoattack={"version": "custom", "n_examples": value})
+
+
+class BrightIsRight(nn.Module):
+    """Class 0 for images darker than 0.6 on average, else class 1; its input gradient always points to
+    brighter images (the straight-through ``t - t.detach()``), so every attack on label 1 brightens a dark
+    image into a right prediction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(1).mean(1, keepdim=True)
+        z = torch.where(t.detach() < 0.6, 1.0, -1.0) + (t - t.detach())
+        return torch.cat([z, -z], 1)
+
+
+def test_an_attack_that_fixes_a_wrong_prediction_does_not_make_it_robust():
+    model = BrightIsRight()
+    x, y = torch.full((4, 1, 4, 4), 0.55), torch.ones(4, dtype=torch.long)  # wrong clean (0.55 < 0.6)
+    assert not (model(x).argmax(1) == y).any()
+    for column, attack in evaluate.white_box(_cfg().eval, model, 0).items():
+        if attack is not None:  # the attack lands at 0.55 + EPS = 0.65: right
+            assert (model(attack(x, y)).argmax(1) == y).all(), column
+        assert not robust_flags(model, attack, x, y).any(), column
+    assert not AutoAttack(model, EPS, "custom", ["apgd-ce"], package="pyautoattack").run(x, y).robust.any()
+
+
+def _official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Flags of a direct run of the official AutoAttack (pyautoattack): its standard version cut to the first
+    two attacks (what ``standard-apgd`` means), one call, seed 0, the whole subset in one batch."""
+    official = pytest.importorskip("pyautoattack").AutoAttack(model, eps=eps, norm="Linf", seed=0, version="standard")
+    official.verbose = False
+    official.attacks_to_run = official.attacks_to_run[:2]
+    _, y_adv = official.run_standard_evaluation(x, y, batch_size=len(x))
+    return y_adv == y
+
+
+def test_autoattack_flags_are_the_official_packages_at_eval_eps(tmp_path, monkeypatch):
+    """The stage's AA flags equal a direct official run at eval.eps, on the stage's own examples; at 2·eps
+    the official flags differ (so an eps slip could not pass), and every official object the stage builds
+    is built with eval.eps."""
+    n = 16
+    cfg = _cfg(n_examples=n, eps_curve=[0.0, 1.0], sanity={"enabled": False},
+               autoattack={"version": "standard-apgd", "package": "pyautoattack", "batch_size": n})
+    model = tiny_model("robust")
+    x, y = datasets.stratified_n(getattr(splits(), cfg.eval.split), cfg.eval.n_examples)
+    built = []
+    real_backend = autoattack.backend
+
+    def recording(package):
+        cls, name, version = real_backend(package)
+
+        class Recorded(cls):
+            def __init__(self, *args, **kw):
+                built.append(kw["eps"])
+                super().__init__(*args, **kw)
+
+        return Recorded, name, version
+
+    monkeypatch.setattr(autoattack, "backend", recording)
+    row, _ = evaluate.evaluate_model(evaluate.Evaluated("SAT", "teacher", model), x, y, cfg, tmp_path, 10)
+    (store,) = [p for p in tmp_path.glob("SAT-*.json") if ".aa." not in p.name]
+    stage = torch.tensor(json.loads(store.read_text())["entries"]["AA"]["flags"], dtype=torch.bool)
+    assert built and set(built) == {cfg.eval.eps}
+    assert len(stage) == n and row["AA"] == pytest.approx(100 * stage.float().mean().item(), abs=0.01)
+    assert torch.equal(stage, _official(model, x, y, cfg.eval.eps))
+    assert stage.any() and not torch.equal(stage, _official(model, x, y, 2 * cfg.eval.eps))

@@ -1,5 +1,6 @@
 """The paper presets end to end: ``derd preset <name>`` then a micro override (a few fake images in the real
-on-disk formats, 1 epoch, 2 iterations, 8 evaluation examples) through all five stages with the presets' real
+on-disk formats, 1 epoch, 2 iterations, 1 evaluation example: every column, AutoAttack included, runs on all
+of them, and AutoAttack on a WRN-34-10 is costly) through all five stages with the presets' real
 networks (ResNet-34 / WRN-34-10 teachers and a ResNet-18 student on CIFAR; ResNet-50 teachers, a ResNet-18
 student and the DCGAN generator on ImageNet-100). The stages are called as the library functions the flows
 call, in this process (no Prefect, MLflow or DVC: tests/test_pipeline.py covers those on the micro profile),
@@ -36,8 +37,8 @@ MICRO = {
     "stage1.iterations": 2, "stage1.batch_size": 4, "stage1.health_samples": 10, "stage1.inversion.pool_size": 0,
     "stage2.methods": ["derd"], "stage2.seeds": [0], "stage2.iterations": 2, "stage2.k_student": 1,
     "stage2.batch_size": 4, "stage2.attack.steps": 1, "stage2.monitor_every": 0,
-    "eval.n_examples": 8, "eval.batch_size": 8, "eval.pgd_s.steps": 1, "eval.pgd_t.steps": 1, "eval.cw.steps": 1,
-    "eval.autoattack": {"version": "custom", "attacks": ["apgd-ce"], "n_examples": 1},
+    "eval.n_examples": 1, "eval.batch_size": 8, "eval.pgd_s.steps": 1, "eval.pgd_t.steps": 1, "eval.cw.steps": 1,
+    "eval.autoattack": {"version": "custom", "attacks": ["apgd-ce"]},
     "eval.sanity.enabled": False, "eval.eps_curve": [0.0, 1.0], "tracking.enabled": False,
 }
 

@@ -14,14 +14,14 @@ from derd.artifacts import save_artifact
 from derd.attacks import FGSM
 from derd.evaluation import evaluate
 
-N = 24  # 3 white-box batches of 8; AA on the first 12 = chunks [0:8], [8:12]
+N = 24  # 3 white-box batches of 8 and 3 AutoAttack chunks of 8
 
 
 def _cfg(**over) -> config.Config:
     ev = {"eps": EPS, "n_examples": N, "batch_size": 8, "eps_curve": [0.0, 0.5, 1.0],
           "pgd_s": {"steps": 3, "step_size": EPS / 2}, "pgd_t": {"steps": 3, "step_size": EPS / 3},
           "cw": {"steps": 3, "step_size": EPS / 2},
-          "autoattack": {"version": "custom", "attacks": ["apgd-ce"], "n_examples": 12, "batch_size": 8},
+          "autoattack": {"version": "custom", "attacks": ["apgd-ce"], "batch_size": 8},
           "sanity": {"enabled": False}} | over
     return config.parse({"device": "cpu", "data": {"image_size": 16},
                          "teachers": {"natural": {"arch": "small_cnn", "width": 8},
@@ -70,7 +70,8 @@ def test_two_shards_merged_equal_the_unsharded_run(tmp_path):
     records = [evaluate.run(cfg, sharded, shard=(i, 2)) for i in range(2)]
     assert not (sharded / "metrics/eval.json").exists()
     assert [m["indices"] for m in records[0]["models"]] == [16] * 3  # batches 0 and 2
-    assert [m["aa_examples"] for m in records[1]["models"]] == [4] * 3  # AA chunk [8:12]
+    assert [m["aa_examples"] for m in records[0]["models"]] == [16] * 3  # AA chunks [0:8] and [16:24]
+    assert [m["aa_examples"] for m in records[1]["models"]] == [8] * 3  # AA chunk [8:16]
     assert sorted(p.name for p in (sharded / "metrics/eval_shards").iterdir()) == ["shard-0-of-2.json",
                                                                                   "shard-1-of-2.json"]
     merged = evaluate.merge(cfg, sharded)
@@ -88,7 +89,7 @@ def test_two_shards_merged_equal_the_unsharded_run(tmp_path):
 
 
 def test_merge_needs_every_shard(tmp_path):
-    cfg = _cfg(eps_curve=[0.0, 1.0], autoattack={"version": "custom", "attacks": ["apgd-ce"], "n_examples": 4})
+    cfg = _cfg(eps_curve=[0.0, 1.0])
     _project(tmp_path)
     evaluate.run(cfg, tmp_path, shard=(2, 3))
     with pytest.raises(evaluate.ShardError, match=r"shards \[0, 1\] of 3"):
@@ -123,8 +124,7 @@ def test_out_of_memory_halves_the_batch_and_logs(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(FGSM, "perturb", perturb)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="derd"):
-        result = evaluate.run(_cfg(eps_curve=[0.0, 1.0], autoattack={"version": "custom", "attacks": ["apgd-ce"],
-                                                                      "n_examples": 4}), tmp_path)
+        result = evaluate.run(_cfg(n_examples=8, eps_curve=[0.0, 1.0]), tmp_path)
     assert failed == [8] and "FGSM: CUDA out of memory, retrying with batch size 4" in caplog.text
     assert all(0 <= r["FGSM"] <= 100 for r in result["rows"])
 

@@ -1,13 +1,18 @@
 """The evaluation stage: Clean / FGSM / PGD_S / PGD_T / CW / AA / Ave for every model (METHOD.md,
 "Evaluation"), sanity checks, ε-curves.
 
+Examples: a fixed stratified subset of ``eval.n_examples`` of ``eval.split`` (:func:`derd.data.stratified_n`),
+the same for every column, so Ave averages one set; an attacked column counts an example robust only when
+the clean prediction is right too (:func:`derd.attacks.robust_flags`, AutoAttack's rule).
+
 Models: the teachers as the supplementary's ``Nature`` and ``SAT`` rows, the optional ``SAT student``
 (the student architecture adversarially trained on the real training split, cached under
 ``artifacts/reference/``) and every ``artifacts/students/*.pt``. Outputs:
 
-- ``metrics/eval.json``: ``rows`` (one per model) with the paper's column names in **percent**,
-  ``Ave`` = mean of all six columns including Clean, ``runtime_s`` per column, ``sanity`` flags,
+- ``artifacts/evaluation.json`` (``derd.report.tables.EVALUATION``): ``rows`` (one per model) with the paper's column names in
+  **percent**, ``Ave`` = mean of all six columns including Clean, ``runtime_s`` per column, ``sanity`` flags,
   ``suspect`` and the AutoAttack package/version that ran; plus the settings used.
+- ``metrics/eval.json``: its ``table`` alone (model -> column -> percent), the DVC metric: numbers only.
 - ``artifacts/eval_flags/<model>-<key>.json`` (in the project, also for DVC experiment copies):
   per-example flags keyed by weights, examples, attack code and AutoAttack version (resume, exact
   shard merging, reuse across experiments); ``<model>-<key>.aa.json``: AutoAttack's per-attack state.
@@ -17,8 +22,8 @@ Sharding (``derd evaluate --shard i/n`` then ``--merge``; :func:`run` with ``sha
 The attacks draw their random starts per batch, so an example's flag depends on the batch it ran in;
 shards therefore take **whole batches**, round-robin: shard i evaluates the batches b ≡ i (mod n) of
 ``eval.batch_size`` consecutive examples (all white-box columns and ε-curve points), and the AutoAttack
-chunks c ≡ i (mod n) of ``eval.autoattack.batch_size`` consecutive examples of the first ``n_aa``
-(AutoAttack runs its cascade per chunk in the unsharded run too, so both modes run the same batches);
+chunks c ≡ i (mod n) of ``eval.autoattack.batch_size`` consecutive examples (AutoAttack runs its cascade per
+chunk in the unsharded run too, so both modes run the same batches);
 shard 0 also runs the sanity checks' attacks (on the first ``sanity.n_examples``, as unsharded). A shard
 writes its flags to ``artifacts/eval_flags/<model>-<key>.shard-<i>-of-<n>.json`` and its record to
 ``metrics/eval_shards/shard-<i>-of-<n>.json``, never ``metrics/eval.json``. ``--merge`` needs all n
@@ -56,6 +61,7 @@ from derd.evaluation.autoattack import AutoAttack, backend, fingerprint
 from derd.evaluation.eps_curve import eps_curve, write_curves
 from derd.evaluation.flags import Covering, FlagStore, MissingFlags, merge_entries
 from derd.evaluation.sanity import CHECKS, run_checks
+from derd.report.tables import EVALUATION
 from derd.resume import code_hash
 from derd.runtime import Paths, log, resolve_device, seed_everything
 from derd.teachers import build_for, load_teacher, train_teacher
@@ -246,17 +252,15 @@ def evaluate_model(item: Evaluated, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     store = FlagStore(_store_file(flags_dir, item, key), key, list(range(len(x))), readonly=readonly)
     flags, seconds = _attack_columns(item, x, y, cfg, store, shard_blocks(len(x), ev.batch_size, None),
                                      _aa_blocks(ev, len(x), None))
-    n_aa = _n_aa(ev, len(x))
     for c in COLUMNS:
-        want = n_aa if c == "AA" else len(x)
-        if len(flags[c]) != want:
-            raise MissingFlags(f"{store.path}: {c} has {len(flags[c])} flags, expected {want}")
+        if len(flags[c]) != len(x):
+            raise MissingFlags(f"{store.path}: {c} has {len(flags[c])} flags, expected {len(x)}")
     aa = {k: v for k, v in store.data["entries"]["AA"]["extra"].items() if k != "chunks"}
 
     curve = halving_batches(lambda bs: eps_curve(model, x, y, ev.model_copy(update={"batch_size": bs}), seed, store,
                                                  {0.0: flags["Clean"], 1.0: flags["PGD_S"]}), ev.batch_size,
                             f"[{item.name}] eps-curve")
-    row = {"model": item.name, "kind": item.kind, **item.meta, "n": len(x), "n_aa": n_aa}
+    row = {"model": item.name, "kind": item.kind, **item.meta, "n": len(x)}
     row |= {c: round(100 * flags[c].float().mean().item(), 2) for c in COLUMNS}
     row[AVE] = round(sum(row[c] for c in COLUMNS) / len(COLUMNS), 2)
     row["runtime_s"] = {c: round(seconds[c], 2) for c in COLUMNS}
@@ -278,12 +282,8 @@ def evaluate_model(item: Evaluated, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     return row, curve
 
 
-def _n_aa(ev: Eval, n: int) -> int:
-    return min(ev.autoattack.n_examples or n, n)
-
-
 def _aa_blocks(ev: Eval, n: int, shard: tuple[int, int] | None) -> list[tuple[int, int]]:
-    return shard_blocks(_n_aa(ev, n), ev.autoattack.batch_size, shard)
+    return shard_blocks(n, ev.autoattack.batch_size, shard)
 
 
 def _sanity(model, x, y, flags, curve, cfg: Config, num_classes: int, store, aa_warnings, name: str):
@@ -297,7 +297,8 @@ def _attack_columns(item: Evaluated, x: torch.Tensor, y: torch.Tensor, cfg: Conf
                     blocks: list[tuple[int, int]], aa_blocks: list[tuple[int, int]]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every column's flags on the examples of ``blocks`` (whole batches of the full ``x``; AA: on those of
-    ``aa_blocks``), with the settings of the unsharded run."""
+    ``aa_blocks``), with the settings of the unsharded run. Every column covers the same examples, so Ave
+    averages one set."""
     ev, seed, model = cfg.eval, cfg.seed, item.model
     covered = _indices(blocks)
     xs, ys = (x, y) if covered == list(range(len(x))) else (x[covered], y[covered])
@@ -311,9 +312,9 @@ def _attack_columns(item: Evaluated, x: torch.Tensor, y: torch.Tensor, cfg: Conf
             lambda column=column, flag=flag: halving_batches(flag, ev.batch_size, f"[{item.name}] {column}"))
         log.info("evaluate[%s] %s %.2f%% on %d examples (%.1fs)", item.name, column,
                  100 * flags[column].float().mean(), len(xs), seconds[column])
-    aa_cfg, n_aa = ev.autoattack, _n_aa(ev, len(x))
-    aa_settings = {**aa_cfg.model_dump(), "eps": ev.eps, "seed": seed, "n": n_aa}
-    if n_aa > aa_cfg.batch_size:  # the cascade runs per chunk of batch_size (one chunk: the official cascade)
+    aa_cfg = ev.autoattack
+    aa_settings = {**aa_cfg.model_dump(), "eps": ev.eps, "seed": seed, "n": len(x)}
+    if len(x) > aa_cfg.batch_size:  # the cascade runs per chunk of batch_size (one chunk: the official cascade)
         aa_settings["chunked"] = True
     flags["AA"], seconds["AA"], _ = store.run(
         "AA", aa_settings, lambda: _aa_chunks(model, x, y, aa_blocks, ev, seed, store.path, f"[{item.name}]"),
@@ -361,7 +362,7 @@ def markdown_table(rows: list[dict], ev: Eval, aa_note: str) -> str:
 def _stage_inputs(cfg: Config, root: Path):
     device = resolve_device(cfg.device)
     splits = datasets.load(cfg.data)
-    x, y = datasets.first_n(getattr(splits, cfg.eval.split), cfg.eval.n_examples)
+    x, y = datasets.stratified_n(getattr(splits, cfg.eval.split), cfg.eval.n_examples)
     return splits, x, y, models_to_evaluate(cfg, root, splits, device)
 
 
@@ -389,7 +390,7 @@ def run(cfg: Config, root: Path = Path("."),
         models = [evaluate_shard(item, x, y, cfg, paths.eval_flags, splits.info.num_classes, shard) for item in items]
         record = {"shard": i, "of": n, "settings": _shard_settings(cfg), "n_examples": len(x), "models": models,
                   "scheme": "whole batches round-robin: eval.batch_size blocks b ≡ i (mod n); AA: "
-                            "eval.autoattack.batch_size chunks of the first n_aa, c ≡ i (mod n)"}
+                            "eval.autoattack.batch_size chunks c ≡ i (mod n)"}
         write_json(_shard_file(root, i, n), record)
         log.info("evaluate shard %d/%d: %d models written to %s", i, n, len(models), _shard_file(root, i, n))
         return record
@@ -400,18 +401,18 @@ def run(cfg: Config, root: Path = Path("."),
         row, curve = evaluate_one(item, x, y, cfg, paths.eval_flags, splits.info.num_classes)
         rows.append(row)
         curves[item.name] = curve
-    n_aa = _n_aa(ev, len(x))
     attacks = ev.autoattack.version if ev.autoattack.version != "custom" else "custom: " + ", ".join(ev.autoattack.attacks)
-    aa_note = f"AA = {package} {package_version} ({attacks}) on the first {n_aa} examples"
+    aa_note = f"AA = {package} {package_version} ({attacks}) on the same examples"
     result = {
         "units": "percent", "columns": [*COLUMNS, AVE], "eps": ev.eps, "split": ev.split, "n_examples": len(x),
         "dataset": splits.info.name, "settings": ev.model_dump(), "seed": cfg.seed,
         "autoattack": {"package": package, "version": package_version, "aa_version": ev.autoattack.version,
-                       "n_examples": n_aa},
+                       "n_examples": len(x)},
         "sanity_checks": list(CHECKS), "rows": rows,
-        "table": {r["model"]: {c: r[c] for c in (*COLUMNS, AVE)} for r in rows},  # flat, for `dvc metrics show`
+        "table": {r["model"]: {c: r[c] for c in (*COLUMNS, AVE)} for r in rows},
     }
-    write_json(paths.metrics / "eval.json", result)
+    write_json(paths.root / EVALUATION, result)
+    write_json(paths.metrics / "eval.json", {"table": result["table"]})  # the numbers only: `dvc metrics show`
     write_text(paths.metrics / "eval_table.md", markdown_table(rows, ev, aa_note))
     write_curves(curves, paths.plots)
     return result

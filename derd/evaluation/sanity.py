@@ -35,8 +35,8 @@ def _acc(flags: torch.Tensor) -> float:
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: dict[str, torch.Tensor],
                curve: list[float], ev: Eval, num_classes: int, seed: int, store: FlagStore,
                aa_warnings: list[str], package: str = "auto") -> tuple[dict[str, bool], dict]:
-    """Run the checks for one model. ``flags`` maps column names to per-example flags over ``x``
-    (AA may cover a prefix only); ``curve`` is the ε-curve accuracy in ``ev.eps_curve`` order.
+    """Run the checks for one model. ``flags`` maps column names to per-example flags over ``x`` (or
+    over its first ``sanity.n_examples`` at least); ``curve`` is the ε-curve accuracy in ``ev.eps_curve`` order.
     Returns ({check: passed}, {check: the numbers behind it})."""
     tol, s = ev.sanity.tolerance, min(ev.sanity.n_examples, len(x))
     xs, ys, bs = x[:s], y[:s], ev.batch_size
@@ -64,10 +64,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, flags: dict[s
 
     sq, _, sq_extra = store.run("sanity:Square", {"n": s, "eps": ev.eps, "queries": ev.sanity.square_queries,
                                                   "seed": seed}, square)
-    white = torch.stack([f[:s] for c, f in flags.items() if c != "AA"]).all(0)
-    if "AA" in flags:
-        m = min(s, len(flags["AA"]))
-        white[:m] &= flags["AA"][:m]
+    white = torch.stack([f[:s] for f in flags.values()]).all(0)
     only_square = (white & ~sq).float().mean().item()
     fixed_step = min(_acc(flags[c][:s]) for c in ("FGSM", "PGD_S", "PGD_T", "CW"))
     details["square_not_stronger"] = {"square": _acc(sq), "white_box_worst_case": _acc(white),

@@ -29,6 +29,12 @@ from pydantic_core import PydanticCustomError
 
 # keys that say where inputs live or how a run is logged, not what is computed: never part of a params hash
 WHERE_NOT_WHAT = ("data.root", "data.download", "data.num_workers", "device", "tracking")
+# keys that existed once: a params file still setting one is told why it is gone (not just "unknown key")
+REMOVED = {
+    "eval.autoattack.n_examples": "removed: AutoAttack runs on all eval.n_examples examples, like every other "
+                                  "column, so that Ave is a mean over one set of examples; delete the line (lower "
+                                  "eval.n_examples to spend less on the evaluation)",
+}
 
 
 class ConfigError(ValueError):
@@ -203,10 +209,45 @@ class DFARDOpts(Section):  # DFARD-style (reconstructed) generator balance and t
 class Baselines(Section):
     student_loss: Literal["rslad", "kd"] = "rslad"  # rslad: robust KD on x_adv (+ clean); kd: clean KD only
     rslad_clean_weight: float = Field(1 / 6, ge=0, le=1)  # α of the clean term (RSLAD: 1/6)
+    generator_init: Literal["scratch", "stage1"] = "scratch"  # stage1: warm-started from Stage-I's T_rob generator
     dafl: DAFLOpts = DAFLOpts()
     zskt: ZSKTOpts = ZSKTOpts()
     cmi: CMIOpts = CMIOpts()
     dfard: DFARDOpts = DFARDOpts()
+
+
+class MemoryBankOpts(Section):  # replay memory for the generator-based methods (derd/distill/memory_bank.py)
+    size: int = Field(0, ge=0)  # images kept, the oldest leave first; 0 = off (CMI and FERD keep their own banks)
+    enters: Literal["generator", "student"] = "generator"  # every generator-step batch | fresh rows of student batches
+    fraction: float = Field(1.0, gt=0, le=1)  # share of each student batch drawn from the bank; the rest fresh G(z)
+
+
+class FERDOpts(Section):  # FERD (Li et al., ICLR 2026): its public code's values (METHOD.md "FERD")
+    lambda_bn: float = Field(5.0, ge=0)  # BN prior on T_rob
+    lambda_adv: float = Field(1.0, ge=0)  # DKL discrepancy between S and T_rob that the generator maximises
+    lambda_oh: float = Field(1.0, ge=0)  # CE(T_rob(x), y), y drawn from the robustness-guided class probabilities
+    lambda_uni: float = Field(5.0, ge=0)  # KL(U ‖ σ(T_rob's logits from its non-robust channels))
+    ib_steps: int = Field(50, ge=1)  # Adam steps of the information bottleneck that finds the non-robust channels
+    ib_lr: float = Field(0.1, gt=0)
+    ib_beta: float = Field(0.3, ge=0)  # weight of the bottleneck's Gaussian KL beside its CE
+    dkl_temperature: float = Field(100.0, gt=0)  # T2 of DKL's class weights σ(T(x)/T2) (generator; student_alpha)
+    student_alpha: float = Field(0.0, ge=0)  # DKL's weighted-MSE weight in the student loss (code: 0 in effect)
+    clean_weight: float = Field(5 / 6, ge=0, le=1)  # student loss: weight on clean pseudo data, 1 − it on x_adv
+    lambda_utae: float = Field(0.0, ge=0)  # UTAE: PGD also minimises λ·KL(U ‖ σ(S(x_adv))) (code: off)
+    round_iterations: int = Field(200, ge=1)  # generator steps per synthesis round (FERD's N_G)
+    reset_generator: bool = True  # re-initialise G and its Adam state at the start of every round
+    latent_lr: float = Field(0.015, ge=0)  # Adam lr of each round's trainable latents (0: fixed latents)
+    adam_beta1: float = Field(0.5, ge=0, lt=1)  # β1 of the generator's Adam (the other methods: 0.9)
+    class_min: float = Field(0.05, gt=0)  # class sampling: per-class risk scaled into [class_min, class_max]
+    class_max: float = Field(0.2, gt=0)
+    risk_steps: int = Field(20, ge=1)  # PGD steps (CE on T_rob, y) of the per-class risk at each round's end
+    bank_size: int = Field(65536, ge=0)  # FERD's memory bank: images kept (each round's best batch enters); 0 = none
+    bank_fraction: float = Field(1.0, gt=0, le=1)  # share of each student batch drawn from FERD's bank
+
+
+class GradRefineOpts(Section):  # [R] stage2.aggregation: gradrefine (DataFreeShield's GradRefine)
+    threshold: float = Field(0.5, ge=0, le=1)  # τ: a coordinate moves when |Σ sign(g_i)| ≥ τ·(number of votes)
+    chunks: int = Field(2, ge=1)  # each expert's gradient split into the shares of this many sub-batches: 2m votes
 
 
 class Stage2(Section):
@@ -215,6 +256,7 @@ class Stage2(Section):
     student: Student = Student()
     iterations: int = Field(200, ge=1)  # generator steps; each is followed by k_student steps
     k_student: int = Field(5, ge=1)
+    generator_warmup: int = Field(0, ge=0)  # generator-only iterations before the first student step
     batch_size: int = Field(128, ge=1)
     lr_student: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -226,19 +268,26 @@ class Stage2(Section):
     lambda_nat: float = Field(1.0, ge=0)
     lambda_sga: float = Field(5e-4, ge=0)
     aggregation: AggregationName = "sga"
+    gradrefine: GradRefineOpts = GradRefineOpts()  # read by aggregation: gradrefine only
     tau: float = Field(1.0, gt=0)
+    temperature: Literal["fixed", "entropy"] = "fixed"  # entropy: B-MTARD's per-expert τ (derd/distill/temperature.py)
+    temperature_lr: float = Field(0.005, gt=0)  # signed step of each expert's τ per student step (entropy only)
+    kd_reduction: Literal["batchmean", "mean"] = "batchmean"  # every student KD KL: Σ classes, mean batch | /K
     rob_target: Literal["adv", "clean"] = "adv"
     generator_init: Literal["stage1", "scratch"] = "stage1"  # [R] scratch = the w/o Stage-I ablation
     generator_opponent: Literal["natural", "robust"] = "natural"  # [R] expert the generator plays S against
     lambda_g_rob_oh: float = Field(0.0, ge=0)  # [R] generator also minimises L_oh under T_rob (0 = paper reading)
     lambda_g_bn: float = Field(0.0, ge=0)  # [R] BatchNorm-statistics prior on every expert G reads (0 = paper)
+    lambda_g_ce: float = Field(0.0, ge=0)  # [R] class steering: G also minimises CE(T(x), y), y ~ U per sample (FERD/CMI)
     lambda_rob_clean: float = Field(0.0, ge=0)  # robust soft labels on clean samples, in the robust expert's loss
     augment: bool = True  # data.augment's crop+flip on pseudo data
     attack: Attack = Attack()
     baselines: Baselines = Baselines()
+    ferd: FERDOpts = FERDOpts()
+    memory_bank: MemoryBankOpts = MemoryBankOpts()
     checkpoint_every: int = Field(50, ge=1)
     monitor_every: int = Field(0, ge=0)  # 0 = no monitoring (curves only when > 0)
-    monitor_split: Literal["test", "val"] = "test"
+    monitor_split: Literal["test", "val"] = "val"  # curves watch held-out training data, never the test set
     monitor_examples: int = Field(500, ge=1)
     monitor_pgd_steps: int = Field(10, ge=1)
     log_every: int = Field(10, ge=1)
@@ -260,7 +309,6 @@ class AutoAttackCfg(Section):
     version: Literal["standard", "standard-apgd", "custom"] = "standard"  # derd.evaluation.autoattack.AutoAttack
     attacks: list[Literal[AA_ATTACKS]] = Field(["apgd-ce", "apgd-t"], min_length=1)  # used when version is custom
     batch_size: int = Field(256, ge=1)
-    n_examples: int | None = Field(None, ge=1)  # AA on the first n evaluated examples (None: all of them)
     package: Literal["auto", "pyautoattack", "autoattack"] = "auto"  # auto: upstream autoattack if installed
 
 
@@ -346,6 +394,16 @@ class Config(Section):
         if dfard.tau_min > dfard.tau_max:
             problems.append(f"stage2.baselines.dfard.tau_min: must be ≤ stage2.baselines.dfard.tau_max, got "
                             f"tau_min={dfard.tau_min} > tau_max={dfard.tau_max} (swap them)")
+        ferd = self.stage2.ferd
+        if ferd.class_min > ferd.class_max:
+            problems.append(f"stage2.ferd.class_min: must be ≤ stage2.ferd.class_max, got class_min={ferd.class_min} "
+                            f"> class_max={ferd.class_max} (swap them; equal values sample the classes uniformly)")
+        if self.stage2.monitor_every and self.stage2.monitor_split == "val" and self.data.val_fraction == 0:
+            problems.append("stage2.monitor_split: val is empty with data.val_fraction 0; set data.val_fraction > 0 "
+                            "or monitor_split: test")
+        if self.stage2.aggregation == "gradrefine" and self.stage2.gradrefine.chunks > self.stage2.batch_size:
+            problems.append(f"stage2.gradrefine.chunks: must be ≤ stage2.batch_size (a chunk holds at least one "
+                            f"sample), got {self.stage2.gradrefine.chunks} > {self.stage2.batch_size}")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -530,6 +588,9 @@ def parse(raw: Any, source: str = "params") -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    gone = [f"{key}: {why}" for key, why in REMOVED.items() if any(_under(k, (key,)) for k in _leaves(raw))]
+    if gone:
+        raise ConfigError(f"invalid configuration in {source}: " + "\n  ".join(gone))
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:

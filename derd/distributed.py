@@ -1,6 +1,8 @@
 """Data parallelism for the training stages (teachers, Stage-I generators, Stage-II students) with
 torch.distributed: ``runtime.nproc: N`` re-runs a stage command under ``torchrun --nproc_per_node=N``
-(NCCL on GPUs, one per rank; gloo on the CPU). Decisions (docs/SCALING.md):
+(NCCL on GPUs, one per rank; gloo on the CPU; the launch and the other ranks' entry are
+``pipelines/torchrun.py``). This module holds the helpers the stages call; it imports no stage. Decisions
+(docs/SCALING.md):
 
 - Batches: every rank draws the *global* batch's random numbers from the same seeded stream and keeps its
   rows ``rank::world`` (latents, crop offsets); real data is sharded by :func:`sampler`. A step on N ranks
@@ -21,19 +23,13 @@ from __future__ import annotations
 
 import atexit
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from derd.config import Config, ConfigError
-
-TRAINING_COMMANDS = ("teachers", "warmup", "distill")
-SINGLE_PROCESS_UNITS = ("inversion_pool",)  # a DERD_inv pool is optimised in one process
 
 
 def world() -> int:
@@ -46,24 +42,6 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def should_launch(cfg: Config, command: str, unit: str | None) -> bool:
-    """True when this command should re-run itself under torchrun (``runtime.nproc`` > 1, not yet launched)."""
-    if command not in TRAINING_COMMANDS or unit in SINGLE_PROCESS_UNITS:
-        return False
-    nproc = cfg.runtime.nproc
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and launched != nproc:
-        raise ConfigError(f"runtime.nproc: {nproc}, but torchrun started {launched} processes; make them agree")
-    return nproc > 1 and "LOCAL_RANK" not in os.environ
-
-
-def launch(nproc: int, cli_args: Sequence[str]) -> int:
-    """Run ``python -m pipelines.cli <cli_args>`` on ``nproc`` local processes with torchrun; its exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipelines.cli", *cli_args]
-    return subprocess.call(cmd)
 
 
 def start(cfg: Config) -> bool:
@@ -151,22 +129,3 @@ def sampler(dataset, shuffle: bool, seed: int) -> torch.utils.data.Sampler | Non
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
-
-
-def follow(command: str, cfg: Config, root: Path, unit: str | None) -> None:
-    """A rank other than 0: the training calls the stage's flow makes on rank 0, without Prefect, MLflow or
-    the stage's reports (collectives line up; this rank writes nothing)."""
-    from derd import distill, teachers
-    from derd.runtime import resolve_device
-    from derd.stage1 import warmup
-
-    if command == "teachers":
-        teachers.run(cfg, root)
-    elif command == "warmup":
-        units = [unit] if unit else [u for u in cfg.stage1_units() if u not in SINGLE_PROCESS_UNITS]
-        for u in units:
-            warmup.train_generator(cfg, root, u.removeprefix("generator_"), resolve_device(cfg.device), [])
-    else:
-        for u in [unit] if unit else cfg.student_units():
-            method, seed = u.rsplit("-seed", 1)
-            distill.train_student(cfg, method, int(seed), root)

@@ -225,10 +225,15 @@ def kd_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float
 
     ``reduction`` (``stage2.kd_reduction``): ``batchmean`` sums over classes and averages over the batch;
     ``mean`` averages over batch × classes (= batchmean / K)."""
+    return soft_kl(F.softmax(teacher_logits / tau, 1), student_logits / tau, reduction) * tau**2
+
+
+def soft_kl(target_probs: torch.Tensor, student_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(target ‖ σ(student)) for given soft labels, reduced as :func:`kd_kl` says."""
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"stage2.kd_reduction: must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    kl = F.kl_div(F.log_softmax(student_logits / tau, 1), F.softmax(teacher_logits / tau, 1), reduction="batchmean")
-    return kl * tau**2 / (student_logits.shape[1] if reduction == "mean" else 1)
+    kl = F.kl_div(F.log_softmax(student_logits, 1), target_probs, reduction="batchmean")
+    return kl / (student_logits.shape[1] if reduction == "mean" else 1)
 
 
 def l1_discrepancy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

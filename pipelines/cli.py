@@ -37,7 +37,8 @@ usual entry points:
                             (each stage forked with torch, Prefect and MLflow imported; DERD_WARM=0: off)
   dvc repro                 run the stages that are out of date (each is `derd <stage>`)
   dvc exp run --temp -S stage2.lambda_rob=1     one experiment, Stage-I reused from the cache
-  derd ui                   browse the MLflow runs at http://127.0.0.1:5000
+  derd ui                   browse the MLflow runs at http://127.0.0.1:5000 (--prefect: the Prefect flow runs)
+  derd exps                 the DVC experiments: changed params, each method's Clean/AA/Ave
 
 Each stage command is a Prefect flow. With no PREFECT_API_URL it starts a temporary server
 (about 10-15 s per command; `derd repro` starts one for the whole run instead); with
@@ -76,16 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preset", help="copy presets/NAME.yaml over params.yaml", description="switch profile")
     pre.add_argument("name", help="one of: " + ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))))
     pre.add_argument("--params", default="params.yaml")
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for this project's store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui = sub.add_parser("ui", help="browse the runs: the MLflow UI on 127.0.0.1 for this project's store "
+                                   "(--prefect: Prefect's UI on the project's flow runs)",
+                        description="serve a UI on 127.0.0.1 until Ctrl-C (or SIGTERM/SIGHUP), which stops it and "
+                                    "its workers")
+    ui.add_argument("--prefect", action="store_true",
+                    help="Prefect's UI on the flow runs recorded in the project's .prefect/ (they outlive the server "
+                         "of `derd repro`)")
+    ui.add_argument("--port", type=int, help="port (default: 5000 for MLflow, 4200 for Prefect)")
     ui.add_argument("--root", default=".")
     ui.add_argument("--params", default="params.yaml")
+    ex = sub.add_parser("exps", help="the workspace and its DVC experiments in 120 columns: changed params, each "
+                                     "method's Clean/AA/Ave",
+                        description="the workspace and the DVC experiments of the last N commits: per experiment "
+                                    "the params that differ from its commit and each method's Clean / AA / Ave "
+                                    "(mean over seeds), fitted to the terminal's width")
+    ex.add_argument("--rev", help="baseline commit (default: HEAD)")
+    ex.add_argument("-n", type=int, default=1, metavar="N", help="experiments of the last N commits (default: 1)")
     sw = sub.add_parser("sweep", help="queue one DVC experiment per row of a sweep file (sweeps/README.md)",
                         description="queue (and with --run, run) one DVC experiment per row of a sweep file")
     sw.add_argument("file", help="a sweep file, e.g. sweeps/fashion_comparison.yaml")
     sw.add_argument("--run", action="store_true", help="then run the queue (dvc queue start) and wait for it")
     sw.add_argument("--jobs", type=int, default=1, help="experiments run in parallel with --run (default: 1)")
     sw.add_argument("--params", default="params.yaml")
+    sw.add_argument("--rows", nargs="+", metavar="LABEL", help="queue only these rows (labels as in the file)")
     tb = sub.add_parser("table", help="render a sweep's experiments into docs/RESULTS.md",
                         description="collect a sweep's DVC experiments into a markdown table")
     tb.add_argument("file", help="the sweep file the experiments were queued from")
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from pipelines import sweep
 
-            return sweep.sweep_command(args.file, Path("."), args.params, args.run, args.jobs)
+            return sweep.sweep_command(args.file, Path("."), args.params, args.run, args.jobs, args.rows)
         if args.command == "table":
             from pipelines import sweep
 
@@ -228,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
             except prefect_server.ReproError as exc:  # several lines: the server log's end
                 print(f"derd repro: {exc}", file=sys.stderr)
                 return 2
+        if args.command == "exps":
+            from pipelines import exps
+
+            return exps.exps_command(Path("."), args.rev, args.n)
+        if args.command == "ui":
+            return _ui(args)
         from derd import config
 
         cfg = config.load(args.params)  # a bad params file fails here, before Prefect starts
-        if args.command == "ui":
-            from pipelines import tracking
-
-            return tracking.ui(cfg, args.root, args.port)
         if args.command == "inputs":  # a second's work: no Prefect, no MLflow
             from derd import inputs
 
@@ -242,19 +259,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("teachers", "warmup", "distill"):  # runtime.nproc > 1: one process per GPU (torchrun)
             from derd import distributed
+            from pipelines import torchrun
 
-            if distributed.should_launch(cfg, args.command, getattr(args, "only", None)):
+            if torchrun.should_launch(cfg, args.command, getattr(args, "only", None)):
                 atexit.unregister(_write_trace)  # rank 0 of the launched command records the stage's reads
-                return distributed.launch(cfg.runtime.nproc, sys.argv[1:] if argv is None else argv)
+                return torchrun.launch(cfg.runtime.nproc, sys.argv[1:] if argv is None else argv)
             if distributed.start(cfg) and not distributed.is_main():  # rank 0 alone runs the flow and logs
                 atexit.unregister(_write_trace)
-                distributed.follow(args.command, cfg, Path(args.root), getattr(args, "only", None))
+                torchrun.follow(args.command, cfg, Path(args.root), getattr(args, "only", None))
                 return 0
         from pipelines import tracking
 
         tracking.check_store(cfg, args.root)  # an unwritable MLflow store fails now, not after training
+        def open_store() -> None:  # bookkeeping, no read of the stage (its experiment tags name stage2.methods)
+            with config.untraced():
+                if cfg.tracking.enabled:
+                    tracking.Tracker(cfg, args.root)
+
         # while a starting Prefect server migrates its database, MLflow migrates a new store's (the flow opens it)
-        _check_prefect_api(meanwhile=lambda: cfg.tracking.enabled and tracking.Tracker(cfg, args.root))
+        _check_prefect_api(meanwhile=open_store)
         prefect_environment(args.root)
         flows = importlib.import_module("pipelines.flows")
         only = {"only": args.only} if getattr(args, "only", None) else {}
@@ -272,6 +295,22 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         logging.setLogRecordFactory(factory)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    """``derd ui``: MLflow on the project's store, or (``--prefect``) Prefect on its flow-run history."""
+    from pipelines import ui
+
+    try:
+        if args.prefect:
+            prefect_environment(args.root)  # the project's .prefect/, where the stages keep their flow runs
+            return ui.prefect(args.port or ui.PREFECT_PORT)
+        from derd import config
+
+        return ui.mlflow(config.load(args.params), args.root, args.port or ui.MLFLOW_PORT)
+    except ui.UIError as exc:
+        print(f"derd ui: {exc}", file=sys.stderr)
+        return 2
 
 
 class PrefectUnreachable(ConnectionError):

@@ -7,7 +7,9 @@ and stops it (its whole process group) on the way out, on success, error or sign
 warm process (``pipelines.warm``) that spares every stage its imports. DVC starts while the server does
 (its migrations take ~15 s on a fresh database): a stage that needs Prefect waits for it (``WAIT_ENV``), and
 a server that cannot come up stops the run with the end of its log. A ``PREFECT_API_URL`` already set is
-used as it is: no server is started.
+used as it is: no server is started. The UI a server serves talks to that server's API
+(:func:`server_environment`); its flow runs stay in the project's database (``.prefect/``), which
+``derd ui --prefect`` serves after the run (``pipelines.ui``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
 WAIT_ENV = "DERD_PREFECT_WAIT"  # set by repro: seconds a stage waits for the server it started
@@ -61,19 +63,22 @@ def _tail(log, lines: int = 15) -> str:
 
 
 def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
-        return
+    """SIGTERM to the process group that ``process`` leads (a server and its workers), SIGKILL to what is left of
+    it after ``grace`` seconds; returns once the group is gone (or 5 s after the SIGKILL)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
+            process.poll()
             return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie still counts as a member of the group
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 class Starting:
@@ -99,17 +104,26 @@ class Starting:
         return True
 
 
+def server_environment(url: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a server whose API is ``url``: its UI talks to that API. Prefect's
+    UI otherwise asks PREFECT_API_URL or the default port 4200, not the port the server was started on."""
+    out = {k: v for k, v in (os.environ if env is None else env).items() if k != "PREFECT_UI_API_URL"}  # an alias
+    return {**out, "PREFECT_SERVER_UI_API_URL": url}
+
+
 @contextmanager
 def starting(command: Sequence[str] | None = None, port: int | None = None,
-             env: dict[str, str] | None = None) -> Iterator[Starting]:
-    """Start a Prefect server (API at ``http://127.0.0.1:<port>/api``) without waiting for it; stop it on exit.
-    ``command`` (default :func:`server_command`) must serve ``/api/health`` on ``port``."""
+             env: Mapping[str, str] | None = None) -> Iterator[Starting]:
+    """Start a Prefect server (API at ``http://127.0.0.1:<port>/api``, its UI pointed at that API) without
+    waiting for it; stop it on exit. ``command`` (default :func:`server_command`) must serve ``/api/health`` on
+    ``port``."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}/api"
     cmd = list(command) if command is not None else server_command(port)
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, start_new_session=True)  # its own group: Ctrl-C reaches DVC, not it
+                                   env=server_environment(url, env),
+                                   start_new_session=True)  # its own group: Ctrl-C reaches DVC, not it
         try:
             yield Starting(process, log, url, cmd)
         finally:
@@ -118,7 +132,7 @@ def starting(command: Sequence[str] | None = None, port: int | None = None,
 
 @contextmanager
 def server(command: Sequence[str] | None = None, port: int | None = None, timeout: float = 120.0,
-           env: dict[str, str] | None = None) -> Iterator[str]:
+           env: Mapping[str, str] | None = None) -> Iterator[str]:
     """A Prefect server for the block, up: yields its API URL, stops it on exit (:func:`starting`, then
     :meth:`Starting.wait` for ``timeout`` seconds)."""
     with starting(command, port, env) as srv:
@@ -203,5 +217,6 @@ def _announce(srv: Starting, timeout: float, child: subprocess.Popen, done: thre
         if child.poll() is None:
             child.terminate()
         return
-    print(f"derd repro: Prefect server at {srv.url} (UI {srv.url[:-4]}) started in {time.monotonic() - start:.1f} s; "
-          "it stops when the run ends", file=sys.stderr, flush=True)
+    print(f"derd repro: Prefect server at {srv.url} (UI {srv.url.removesuffix('/api')}) started in "
+          f"{time.monotonic() - start:.1f} s; it stops when the run ends (`derd ui --prefect` shows the flow runs "
+          "afterwards)", file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ STAGES: tuple[Stage, ...] = (
           artifacts=("metrics/distill/{unit}.json", "plots/distill/{unit}.csv", "artifacts/students/{unit}.json"),
           curves=("plots/distill/{unit}.csv",), sidecars=("artifacts/students/{unit}.json",)),
     Stage("evaluate", ("eval",),
-          artifacts=("metrics/eval.json", "metrics/eval_table.md", "plots/eps_curve.*")),
+          artifacts=("metrics/eval.json", "artifacts/evaluation.json", "metrics/eval_table.md", "plots/eps_curve.*")),
     Stage("report", (), artifacts=("reports/report.html", "reports/report.md", "reports/figures/*.png")),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -35,7 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,10 +317,13 @@ def wait(names: list[str], root: Path, poll: float = 20.0, patience: int = 3) ->
 
 
 def sweep_command(path: str, root: Path = Path("."), params: str = "params.yaml", run: bool = False,
-                  jobs: int = 1) -> int:
-    """``derd sweep``: validate every row, queue the missing ones, optionally run the queue and wait."""
+                  jobs: int = 1, rows: Sequence[str] | None = None) -> int:
+    """``derd sweep``: validate every row, queue the missing ones (of ``rows`` only, when given: a sweep can be
+    spent in parts), optionally run the queue and wait."""
     root = Path(root)
     sweep = load(path, root)
+    if unknown := [r for r in rows or () if r not in sweep.rows]:
+        raise SweepError(f"{path}: --rows {unknown} not among its rows {list(sweep.rows)}")
     workspace = _read_yaml(root / params, "params file") or {}
     for label in sweep.rows:
         validate(sweep, label, workspace)
@@ -329,8 +332,8 @@ def sweep_command(path: str, root: Path = Path("."), params: str = "params.yaml"
               "queued experiments, but `derd table` will name only the baseline commit; commit them first for a "
               "reproducible table")
     existing = experiments(show(root))
-    todo = []
-    for label in sweep.rows:
+    todo, chosen = [], [label for label in sweep.rows if not rows or label in rows]
+    for label in chosen:
         name = sweep.name(label)
         exp = existing.get(name)
         if exp and exp.state not in DONE + PENDING:  # a failed task keeps the name: drop it and queue again
@@ -341,7 +344,7 @@ def sweep_command(path: str, root: Path = Path("."), params: str = "params.yaml"
                   f"(`dvc exp remove {name}` to rerun it)")
             continue
         todo.append(label)
-    names = [sweep.name(label) for label in sweep.rows]
+    names = [sweep.name(label) for label in chosen]
     if not run:
         for label in todo:
             run_dvc(queue_command(sweep, label, workspace), root)

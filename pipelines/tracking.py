@@ -415,33 +415,3 @@ def runs_link(cfg: Config, root: str | Path, port: int = 5000) -> str | None:
         return runs_url(Tracker(cfg, root).experiment_id, port)
     except Exception:  # a broken store is reported by the tracked stage itself
         return None
-
-
-def ui(cfg: Config, root: str | Path, port: int = 5000) -> int:
-    """``mlflow ui`` on 127.0.0.1 for this project's store, in its own process group (stopped as a group);
-    prints the deep link to the experiment's runs table."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    uri = tracking_uri(cfg, root)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    if uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", artifact_root(root).as_uri()]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    link = runs_url(Tracker(cfg, root).experiment_id, port)
-    print(f"MLflow UI for {uri}\n  runs of {experiment_name(cfg)}: {link}\n(Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)

@@ -150,3 +150,10 @@ def test_a_missing_gpu_is_named_at_run_time():
     with pytest.raises(RuntimeError, match=f"'cuda:{count}' requested but this machine has {count} CUDA"):
         resolve_device(f"cuda:{count}")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_curves_monitor_val_by_default_never_an_empty_split():
+    assert config.parse({}).stage2.monitor_split == "val"
+    with pytest.raises(config.ConfigError, match="stage2.monitor_split: val is empty with data.val_fraction 0"):
+        config.parse({"data": {"val_fraction": 0}, "stage2": {"monitor_every": 5}})
+    config.parse({"data": {"val_fraction": 0}, "stage2": {"monitor_every": 5, "monitor_split": "test"}})

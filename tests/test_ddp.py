@@ -17,6 +17,7 @@ import torch
 from derd import config, distill, distributed, teachers
 from derd import data as datasets
 from derd.stage1 import warmup
+from pipelines import torchrun
 from tests.pipeline_profile import write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.xdist_group("prefect")]
@@ -123,11 +124,12 @@ def _teachers_and_warmup(rank: int, init: str, root: str) -> None:
     try:
         torch.set_num_threads(1)
         cfg = config.load(Path(root) / "params.yaml")
-        teachers.run(cfg, Path(root))
-        if rank == 0:
+        if rank == 0:  # the calls of the stages' flows
+            teachers.run(cfg, Path(root))
             warmup.run_unit(cfg, Path(root), "generator_natural")
-        else:
-            warmup.train_generator(cfg, Path(root), "natural", torch.device("cpu"), [])
+        else:  # the entry of the other ranks
+            torchrun.follow("teachers", cfg, Path(root), None)
+            torchrun.follow("warmup", cfg, Path(root), "generator_natural")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -142,5 +144,5 @@ def test_teachers_and_stage1_train_on_two_gloo_ranks(tmp_path):
         sidecar = json.loads((tmp_path / "artifacts" / f"{name}.json").read_text())
         assert sidecar["runtime"]["world_size"] == 2, name
     assert len(list((tmp_path / "artifacts" / "teachers").glob("*.pt"))) == 2
-    summary = json.loads((tmp_path / "metrics" / "warmup" / "generator_natural.json").read_text())
+    summary = json.loads((tmp_path / "artifacts" / "stage1" / "generator_natural.json").read_text())
     assert summary["steps"] == 3 and all(math.isfinite(v) for v in summary["last_step_terms"].values())

@@ -10,6 +10,7 @@ from pipeline_profile import write_params
 
 from derd import config
 from derd.artifacts import read_json
+from derd.report.tables import EVALUATION
 from pipelines import flows, tracking
 from pipelines.stages import STAGES
 
@@ -92,7 +93,7 @@ def test_runs_are_browsable_in_the_mlflow_runs_table(pipeline_run):
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`derd.kind` = 'parent'")
     note = parent.data.tags["mlflow.note.content"]
     assert "digits 8×8" in note and "derd, dafl, rslad_real" in note and "Seeds: 0." in note
-    table = read_json(pipeline_run / "metrics" / "eval.json")["rows"]
+    table = read_json(pipeline_run / EVALUATION)["rows"]
     derd_row = next(r for r in table if r["model"] == "derd-seed0")
     assert parent.data.metrics["derd.AA"] == pytest.approx(derd_row["AA"])
     assert parent.data.metrics["derd.Ave"] == pytest.approx(derd_row["Ave"])
@@ -145,35 +146,9 @@ def test_cli_reports_a_missing_input_and_logs_a_failed_run(prefect_api, tmp_path
 
     params = write_params(tmp_path / "params.yaml")
     assert cli.main(["report", "--params", str(params), "--root", str(tmp_path)]) == 2
-    assert "metrics/eval.json: not found; run `derd evaluate`" in capsys.readouterr().err
+    assert f"{EVALUATION}: not found; run `derd evaluate`" in capsys.readouterr().err
     cfg = config.load(params)
     client = MlflowClient(tracking.tracking_uri(cfg, tmp_path))
     experiment = client.get_experiment_by_name(tracking.experiment_name(cfg))
     (failed,) = client.search_runs([experiment.experiment_id], "tags.`derd.stage` = 'report'")
-    assert failed.info.status == "FAILED" and "eval.json" in failed.data.tags["derd.error"]
-
-
-def test_ui_serves_the_project_store_on_localhost_and_prints_the_runs_table_link(tmp_path, monkeypatch, capsys):
-    calls = {}
-
-    class FakeProcess:
-        pid = 0
-
-        def __init__(self, cmd, env, start_new_session):
-            calls.update(cmd=cmd, env=env, new_session=start_new_session)
-
-        def wait(self, timeout=None):
-            return 0
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr("subprocess.Popen", FakeProcess)
-    cfg = config.parse({})
-    assert tracking.ui(cfg, tmp_path / ".dvc/tmp/exps/tmpx", port=5123) == 0
-    experiment = tracking.Tracker(cfg, tmp_path).experiment_id  # made by `derd ui` for its link
-    assert f"http://127.0.0.1:5123/#/experiments/{experiment}/runs?workflowType=machine_learning" in capsys.readouterr().out
-    cmd = calls["cmd"]
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
-    assert calls["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false" and calls["new_session"]
+    assert failed.info.status == "FAILED" and EVALUATION in failed.data.tags["derd.error"]

@@ -1,5 +1,6 @@
 """`derd repro`: one Prefect server started for the whole run, handed to it, and stopped afterwards,
-on success, failure and SIGTERM alike (a stand-in server that serves /api/health, and once the real one)."""
+on success, failure and SIGTERM alike (a stand-in server that serves /api/health; the real one, its UI and
+`derd ui --prefect`: tests/test_ui.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_profile import write_params
 
+from derd import config
 from pipelines import cli, prefect_server, warm
 
 FAKE_SERVER = """
@@ -144,6 +147,27 @@ def test_a_stage_waits_for_the_server_derd_repro_is_starting(fake, monkeypatch):
         cli._check_prefect_api()
 
 
+
+def test_the_store_opened_while_the_server_starts_is_no_read_of_the_stage(tmp_path, monkeypatch):
+    """A stage of `derd repro` opens the MLflow store while the server comes up; the store's experiment tags name
+    stage2.methods, which e.g. the teachers stage does not read (tests/dependencies.py compares reads with dvc.yaml)."""
+    monkeypatch.setattr(config, "_READS", None)  # the trace started below ends with the test
+    monkeypatch.setattr(config, "_TRACED", False)
+    params = write_params(tmp_path / "params.yaml")
+    reads, seen = config.trace_reads(), {}  # as DERD_TRACE_READS does: before the stage loads its params
+
+    def check(timeout: float = 5.0, meanwhile=None) -> None:
+        before = set(reads)
+        meanwhile()
+        seen.update(reads=reads - before)
+        raise cli.PrefectUnreachable("the test stops the stage here")
+
+    monkeypatch.setattr(cli, "_check_prefect_api", check)
+    assert cli.main(["teachers", "--params", str(params), "--root", str(tmp_path)]) == 2
+    assert (tmp_path / "mlflow.db").is_file(), "the store was opened"
+    assert seen["reads"] == set()
+
+
 def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     pid_file = tmp_path / "pid"
@@ -172,10 +196,17 @@ def test_a_server_already_set_is_used_and_none_is_started(fake, monkeypatch):
     assert json.loads(seen.read_text())["url"] == "http://127.0.0.1:9/api"
 
 
-@pytest.mark.slow
-def test_the_real_prefect_server_starts_answers_and_stops(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    with prefect_server.server(env=env, timeout=180) as url:
-        assert prefect_server.answers(url)
-    assert not prefect_server.answers(url)
+def test_the_servers_ui_is_pointed_at_its_own_api(tmp_path, monkeypatch):
+    """Prefect's UI asks PREFECT_API_URL or port 4200 unless told; a stale PREFECT_UI_API_URL (an alias of the
+    setting) must not win. The real server's answer: tests/test_ui.py (slow)."""
+    monkeypatch.setenv("PREFECT_UI_API_URL", "http://127.0.0.1:4200/api")
+    seen = tmp_path / "ui_api_url"
+    dump = ("import json, os, sys, time; json.dump({k: v for k, v in os.environ.items() if 'UI_API_URL' in k}, "
+            "open(sys.argv[1], 'w')); time.sleep(60)")
+    record = [sys.executable, "-c", dump, str(seen)]
+    with prefect_server.starting(command=record) as srv:
+        deadline = time.monotonic() + 30
+        while not seen.exists() or not seen.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert json.loads(seen.read_text()) == {"PREFECT_SERVER_UI_API_URL": srv.url}

@@ -260,6 +260,18 @@ def test_derd_sweep_queues_only_what_is_not_there_and_prints_the_commands(demo, 
     assert "$ dvc exp run --queue -n demo-w-o-sga -S" in out and "demo-derd is success" in out
 
 
+def test_derd_sweep_rows_queues_only_the_named_rows(demo, tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(yaml.safe_load((ROOT / "params.yaml").read_text())))
+    ran = []
+    monkeypatch.setattr(sweep, "show", lambda root, rev=None: [{"rev": "b", "experiments": []}])
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: ran.append(cmd[1:]) or _Done())
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "demo.yaml", "--rows", "w/o SGA"]) == 0
+    assert [c[:5] for c in ran[1:]] == [["exp", "run", "--queue", "-n", "demo-w-o-sga"]]
+    assert main(["sweep", "demo.yaml", "--rows", "nope"]) == 2
+    assert "--rows ['nope'] not among its rows" in capsys.readouterr().err
+
+
 class _Done:
     returncode, stdout, stderr = 0, "", ""
 

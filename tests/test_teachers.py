@@ -32,7 +32,8 @@ def test_both_teachers_train_and_robust_beats_natural_under_pgd(trained):
     assert side["arch"] == "small_cnn" and side["num_classes"] == 10 and side["source"] == "trained:pgd_at"
     assert side["metrics"]["pgd_acc"] == metrics["robust"]["pgd_acc"]
     assert "torch" in side["versions"]
-    assert artifacts.read_json(root / "metrics" / "teachers.json") == metrics
+    assert artifacts.read_json(root / "metrics" / "teachers.json") == {  # the accuracies; the rest: sidecars
+        role: {k: metrics[role][k] for k in ("clean_acc", "pgd_acc")} for role in metrics}
 
 
 def test_teacher_round_trips_and_is_frozen(trained):

@@ -50,7 +50,7 @@ def train_student(cfg: Config, method: str, seed: int, root: Path = Path(".")) -
 
 def run_unit(cfg: Config, root: Path, unit: str, train: Callable[..., dict[str, Any]] = train_student) -> dict[str, Any]:
     """Train one student (by ``train``, e.g. a pipeline task wrapping :func:`train_student`) and write its
-    summary to metrics/distill/<unit>.json."""
+    :func:`finals` to metrics/distill/<unit>.json; returns its summary."""
     with untraced():  # naming a unit is not a dependency on the others
         known = cfg.student_units()
     if unit not in known:
@@ -62,8 +62,14 @@ def run_unit(cfg: Config, root: Path, unit: str, train: Callable[..., dict[str, 
         "final": side["final"], "reading": side["reading"],
         "student": str(Paths(Path(root)).student(method, int(seed)).relative_to(Path(root))),
     }
-    write_json(Paths(Path(root)).metrics / "distill" / f"{unit}.json", summary)
+    write_json(Paths(Path(root)).metrics / "distill" / f"{unit}.json", finals(side["final"]))
     return summary
+
+
+def finals(final: dict[str, float]) -> dict[str, float]:
+    """What ``metrics/distill/<unit>.json`` holds, the numbers runs are compared by: the losses of the last logged
+    iteration (``L_*``, ``*_loss``); every other reading is in the student's sidecar."""
+    return {k: v for k, v in final.items() if k.startswith("L_") or k.endswith("_loss")}
 
 
 def run(cfg: Config, root: Path = Path("."), train: Callable[..., dict[str, Any]] = train_student) -> dict[str, Any]:
@@ -71,7 +77,7 @@ def run(cfg: Config, root: Path = Path("."), train: Callable[..., dict[str, Any]
     return {unit: run_unit(cfg, Path(root), unit, train) for unit in cfg.student_units()}
 
 
-from derd.distill import cmi, dafl, derd, dfad, dfard, rslad_real, zskt  # noqa: F401  (fill the registry)
+from derd.distill import cmi, dafl, derd, dfad, dfard, ferd, rslad_real, zskt  # noqa: F401  (fill the registry)
 
 __all__ = [
     "METHODS",

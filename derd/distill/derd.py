@@ -24,11 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from derd.artifacts import check_finite
 from derd.distill import register_method
 from derd.distill.aggregation import GradientAggregator
 from derd.distill.loop import Context, Method
+from derd.distill.temperature import EntropyBalance
 from derd.losses import (
     BNStatistics,
     StageOneLoss,
@@ -38,6 +40,7 @@ from derd.losses import (
     kd_kl,
     l1_discrepancy,
     one_hot_loss,
+    soft_kl,
 )
 from derd.models import build_generator
 from derd.stage1 import warmup
@@ -68,22 +71,24 @@ class DERD(Method):
             ctx.set_generator(self.initial_generator())
         self.natural = ctx.teachers[self.natural_role]
         self.robust = ctx.teachers["robust"]
-        self.aggregator = GradientAggregator(ctx.s2.aggregation, ctx.s2.lambda_sga, seed=ctx.seed)
+        self.aggregator = GradientAggregator.from_config(ctx.s2, seed=ctx.mask_seed)
         self.stage_one = self.objective = self.robust_bn = None
+        self.balance = EntropyBalance(ctx.s2.temperature_lr) if ctx.s2.temperature == "entropy" else None
         if self.generator_source:
             s2 = ctx.s2
             self.objective = WeightedSum({"stage1": 1.0, "discrepancy": -s2.lambda_d, "rob_oh": s2.lambda_g_rob_oh,
-                                          "bn_prior": s2.lambda_g_bn}, "stage2.lambda_d/lambda_g_rob_oh/lambda_g_bn")
+                                          "bn_prior": s2.lambda_g_bn, "class_ce": s2.lambda_g_ce},
+                                         "stage2.lambda_d/lambda_g_rob_oh/lambda_g_bn/lambda_g_ce")
             self.stage_one = StageOneLoss.from_config(self.natural, ctx.cfg.stage1, record_bn=bool(s2.lambda_g_bn))
             if s2.lambda_g_bn and self.natural is not self.robust:
                 self.robust_bn = BNStatistics(self.robust)
 
     def initial_generator(self) -> torch.nn.Module:
         """The cached Stage-I generator, or a fresh one (``generator_init: scratch``, the w/o Stage-I ablation)."""
-        if self.ctx.s2.generator_init == "scratch":
-            g = self.ctx.cfg.stage1.generator
-            return build_generator(g.arch, g.nz, self.ctx.info.shape, g.width)
-        return stage1_generator(self.ctx, self.generator_source.split(":")[1])
+        if role := self.stage1_role(self.ctx.s2):
+            return stage1_generator(self.ctx, role)
+        g = self.ctx.cfg.stage1.generator
+        return build_generator(g.arch, g.nz, self.ctx.info.shape, g.width)
 
     # ---------------------------------------------------------------- data level
     def generator_objective(self, x: torch.Tensor) -> tuple[Terms, StageOneResult]:
@@ -96,8 +101,13 @@ class DERD(Method):
             "discrepancy": lambda: discrepancy(self.ctx.s2.discrepancy, self.ctx.student(x), opponent),
             "rob_oh": lambda: one_hot_loss(robust),
             "bn_prior": lambda: self.bn_prior(stage_one),
+            "class_ce": lambda: F.cross_entropy(stage_one.logits, self.sampled_labels(len(x))),
         })
         return terms, stage_one
+
+    def sampled_labels(self, n: int) -> torch.Tensor:
+        """Labels drawn uniformly per sample from the run's stream (drawn only while ``lambda_g_ce`` is on)."""
+        return torch.randint(0, self.ctx.info.num_classes, (n,), generator=self.ctx.rng).to(self.ctx.device)
 
     def bn_prior(self, stage_one: StageOneResult) -> torch.Tensor:
         """L_BN(T_nat) [+ L_BN(T_rob) when T_rob is another network], from the generator step's forwards."""
@@ -138,18 +148,28 @@ class DERD(Method):
             t_rob = self.robust(x_adv) if s2.rob_target == "adv" else t_rob_clean
         ctx.student.train()
         s_clean, s_adv = ctx.student(x), ctx.student(x_adv)
-        l_nat = s2.lambda_nat * kd_kl(t_nat, s_clean, s2.tau)
-        l_rob = s2.lambda_rob * kd_kl(t_rob, s_adv, s2.tau)
+        l_nat = s2.lambda_nat * self.expert_kl(t_nat, s_clean, "nat")
+        l_rob = s2.lambda_rob * self.expert_kl(t_rob, s_adv, "rob")
         if s2.lambda_rob_clean:
-            l_rob = l_rob + s2.lambda_rob_clean * kd_kl(t_rob_clean, s_clean, s2.tau)
+            l_rob = l_rob + s2.lambda_rob_clean * self.expert_kl(t_rob_clean, s_clean, "rob")
         check_finite(l_nat, "L_nat", it)
         check_finite(l_rob, "L_rob", it)
-        g_nat = ctx.student_grads(l_nat, retain_graph=bool(s2.lambda_rob_clean))
-        g_rob = ctx.student_grads(l_rob)
+        grad = self.aggregator.expert_grads  # a gradient, or a vote's chunk shares
+        g_nat = grad(ctx.student_grads, l_nat, (s_clean,), retain_graph=bool(s2.lambda_rob_clean), scale=ctx.scale_s)
+        g_rob = grad(ctx.student_grads, l_rob, (s_clean, s_adv), scale=ctx.scale_s)
         grads, stats = self.aggregator(g_nat, g_rob, ctx.global_losses(l_nat, l_rob))  # same on every rank
         ctx.apply_student_grads(grads)
         agreement = None if self.natural is self.robust else t_rob_clean  # w/o T_nat: one expert, nothing to agree
-        return {"L_nat": l_nat.detach(), "L_rob": l_rob.detach(), **stats, **batch_health(x, t_nat, agreement)}
+        temperatures = self.balance.update(t_nat, t_rob) if self.balance else {}
+        return {"L_nat": l_nat.detach(), "L_rob": l_rob.detach(), **stats, **temperatures,
+                **batch_health(x, t_nat, agreement)}
+
+    def expert_kl(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, role: str) -> torch.Tensor:
+        """KL(expert ‖ student) at the shared τ, or at the expert's entropy-balanced τ (``temperature: entropy``)."""
+        s2 = self.ctx.s2
+        if self.balance is None:
+            return kd_kl(teacher_logits, student_logits, s2.tau, s2.kd_reduction)
+        return soft_kl(self.balance.soft(teacher_logits, role), student_logits, s2.kd_reduction)
 
     def reading(self) -> dict[str, Any]:
         s2 = self.ctx.s2
@@ -159,18 +179,19 @@ class DERD(Method):
             else "T_nat on clean samples",
             "rob_target": f"T_rob({'x_adv' if s2.rob_target == 'adv' else 'x'})",
             "lambda_nat": s2.lambda_nat, "lambda_rob": s2.lambda_rob, "lambda_rob_clean": s2.lambda_rob_clean,
-            "tau": s2.tau, "aggregation": s2.aggregation, "lambda_sga": s2.lambda_sga,
+            "tau": (f"per expert, entropy-balanced (B-MTARD), step {s2.temperature_lr}, within [1, 10]"
+                    if self.balance else s2.tau), "aggregation": s2.aggregation, "lambda_sga": s2.lambda_sga,
             "sga_weights": "sum to 2, move at rate lambda_sga toward 2·r/Σr, r = loss / first-step loss",
         }
         if self.generator_source:
             role, opp = self.natural_role[:3], self.opponent_role[:3]
             bn_terms = f"L_BN(T_{role})" + (" + L_BN(T_rob)" if self.robust_bn is not None else "")
             labels = {"stage1": f"L_G^I(x; T_{role})", "discrepancy": f"D(S(x), T_{opp}(x))",
-                      "rob_oh": "L_oh(T_rob(x))", "bn_prior": f"({bn_terms})"}
+                      "rob_oh": "L_oh(T_rob(x))", "bn_prior": f"({bn_terms})", "class_ce": f"CE(T_{role}(x), y~U)"}
             out["generator"] = "scratch (w/o Stage-I)" if s2.generator_init == "scratch" else self.generator_source
             out.update({"generator_objective": self.objective.describe(labels),
                         "discrepancy": s2.discrepancy, "lambda_d": s2.lambda_d, "lambda_g_rob_oh": s2.lambda_g_rob_oh,
-                        "lambda_g_bn": s2.lambda_g_bn})
+                        "lambda_g_bn": s2.lambda_g_bn, "lambda_g_ce": s2.lambda_g_ce})
         return out
 
     @property
@@ -182,10 +203,12 @@ class DERD(Method):
         return [h for h in (self.stage_one, self.robust_bn) if h is not None]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"aggregator": self.aggregator.state_dict()}
+        return {"aggregator": self.aggregator.state_dict(), "temperatures": self.balance.state_dict() if self.balance else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.aggregator.load_state_dict(state["aggregator"])
+        if self.balance:
+            self.balance.load_state_dict(state["temperatures"])
 
 
 @register_method("derd_no_tnat", "w/o T_nat")

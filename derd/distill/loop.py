@@ -24,10 +24,16 @@ from derd.artifacts import check_finite, file_hash, save_artifact
 from derd.attacks import KLPGD, PGD
 from derd.config import Config, ConfigError
 from derd.curves import read_rows, write_rows
-from derd.resume import ResumeState, make_key
+from derd.distill.memory_bank import MemoryBank
+from derd.resume import ResumeState, make_key, restore_rng, rng_state
 from derd.runtime import (STUDENT_KEYS, Paths, LossScale, autocast, log, prepare_model, progress, resolve_device,
                           runtime_record, seed_everything)
 from derd.teachers import accuracy, build_for, load_teacher
+
+
+# offsets of a Stage-II seed for its own random streams (see Context), far apart so that no two seeds' streams meet
+LATENT_SEED_OFFSET = 1_000_000
+MASK_SEED_OFFSET = 2_000_000
 
 
 class Context:
@@ -36,8 +42,13 @@ class Context:
     def __init__(self, cfg: Config, method: type[Method], seed: int, root: Path, device: torch.device):
         self.cfg, self.s2, self.seed, self.root, self.device = cfg, cfg.stage2, seed, Path(root), device
         self.info = datasets.info(cfg.data)
+        # Three random streams, one seed each, so that drawing more from one never shifts another: the global
+        # stream (KL-PGD's start noise) seeds with `seed`; latents, augmentation and pool indices (CPU, the same
+        # on every rank) with seed + LATENT_SEED_OFFSET; the SGA mask with seed + MASK_SEED_OFFSET (its own
+        # generator, on the gradients' device; METHOD.md "Stage-II").
         seed_everything(seed)
-        self.rng = torch.Generator().manual_seed(seed)  # z, augmentation and pool indices (CPU stream, same on every rank)
+        self.rng = torch.Generator().manual_seed(seed + LATENT_SEED_OFFSET)
+        self.mask_seed = seed + MASK_SEED_OFFSET
         self.teachers = {role: prepare_model(load_teacher(cfg, role, root, device), cfg) for role in method.teachers}
         self.net = prepare_model(_student(cfg, self.info).to(device), cfg)  # the module whose weights are saved
         self.student = torch.compile(self.net) if cfg.runtime.compile else self.net  # what the steps call
@@ -50,6 +61,8 @@ class Context:
         self.generator_extra: list[nn.Parameter] = []  # trainable parts of the objective beside G (CMI's head)
         self.opt_g: torch.optim.Optimizer | None = None
         self.monitor_data: tuple[torch.Tensor, torch.Tensor] | None = None
+        # stage2.memory_bank: pseudo images student batches replay (None: off; a method may install its own)
+        self.bank = MemoryBank.from_config(self.s2.memory_bank, method.generator_source is not None, device)
 
     # ---------------------------------------------------------------- generator
     def set_generator(self, generator: nn.Module, extra_params: Sequence[nn.Parameter] = ()) -> None:
@@ -66,13 +79,18 @@ class Context:
         return distributed.mine(z).to(self.device)
 
     def generate(self, n: int | None = None) -> torch.Tensor:
-        """G(z) with the graph to G (for generator steps)."""
-        return self.generator(self.sample_z(n or self.s2.batch_size))
+        """G(z) with the graph to G (for generator steps); it enters a memory bank that admits generator batches."""
+        x = self.generator(self.sample_z(n or self.s2.batch_size))
+        if self.bank is not None:
+            self.bank.offer("generator", x)
+        return x
 
     @torch.no_grad()
     def pseudo_batch(self) -> torch.Tensor:
-        """Detached G(z) for student steps, with the optional crop+flip."""
-        return self.augment(self.generate())
+        """Detached G(z) for student steps (its memory-bank share drawn from the bank), with the optional crop+flip."""
+        if self.bank is None:
+            return self.augment(self.generate())
+        return self.augment(self.bank.batch(self.s2.batch_size, lambda k: self.generator(self.sample_z(k)), self.rng))
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if not self.s2.augment:
@@ -94,10 +112,12 @@ class Context:
         self.opt_g.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------- student
-    def adversarial(self, x: torch.Tensor) -> torch.Tensor:
-        """Label-free PGD pseudo examples against the student (eval mode while attacking, mode restored)."""
+    def adversarial(self, x: torch.Tensor, target_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Label-free KL-PGD pseudo examples against the student (eval mode while attacking, mode restored):
+        x_adv maximises KL(p ‖ σ(S(x_adv))), p = ``target_probs`` (B×K rows of probabilities, e.g. RSLAD's
+        σ_τ(T_rob(x))) or, when None, the student's own σ(S(x)) (TRADES, DERD)."""
         a = self.s2.attack
-        return KLPGD(self.student, a.eps, steps=a.steps, step_size=a.step_size)(x)
+        return KLPGD(self.student, a.eps, steps=a.steps, step_size=a.step_size)(x, target=target_probs)
 
     def student_grads(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
         """∇θ loss averaged over the ranks (fp16: through the loss scale; zeros when it overflowed, and the
@@ -137,6 +157,12 @@ class Method:
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
+    @classmethod
+    def stage1_role(cls, s2) -> str | None:
+        """The teacher whose Stage-I generator this method starts from under ``s2`` (None: no Stage-I artifact)."""
+        source = cls.generator_source or ""
+        return source.split(":")[1] if source.startswith("stage1:") and s2.generator_init == "stage1" else None
+
     def generator_step(self, it: int) -> dict[str, Any]:
         return {}
 
@@ -149,6 +175,8 @@ class Method:
         return {
             "generator": self.generator_source or "none",
             "k_student": s2.k_student,
+            "generator_warmup": s2.generator_warmup,
+            "memory_bank": "off" if self.ctx.bank is None else self.ctx.bank.describe(),
             "augment": s2.augment,
             "adversarial_examples": f"label-free KL-PGD on the student: eps={s2.attack.eps}, "
                                     f"{s2.attack.steps} steps of {s2.attack.step_size}, start x+0.001·N",
@@ -173,11 +201,12 @@ class Method:
 
 # -------------------------------------------------------------------- curves and checkpoints
 def read_curves(path: Path, before: int) -> list[dict[str, float]]:
-    """Rows of an earlier (interrupted) run up to iteration ``before`` (exclusive)."""
+    """Rows of an earlier (interrupted) run up to its checkpoint after ``before`` iterations (inclusive: a row is
+    logged before the checkpoint of the same iteration is saved)."""
     if not path.is_file():
         return []
     rows = [{k: float(v) for k, v in r.items() if v != ""} for r in read_rows(path)]
-    return [r for r in rows if r["iteration"] < before]
+    return [r for r in rows if r["iteration"] <= before]
 
 
 def _floats(logs: dict[str, Any], what: str, step: int) -> dict[str, float]:
@@ -221,8 +250,9 @@ def _checkpoint_state(ctx: Context, method: Method, it: int, seconds: float) -> 
     state = {
         "iteration": it, "seconds": seconds,
         "student": ctx.net.state_dict(), "opt_s": ctx.opt_s.state_dict(), "sched_s": ctx.sched_s.state_dict(),
-        "rng": ctx.rng.get_state(), "torch_rng": torch.get_rng_state(), "method": method.state_dict(),
+        "rng": ctx.rng.get_state(), **rng_state(ctx.device), "method": method.state_dict(),
         "loss_scales": [ctx.scale_s.state_dict(), ctx.scale_g.state_dict()],
+        "memory_bank": {} if ctx.bank is None else ctx.bank.state_dict(),
     }
     if ctx.generator is not None:
         state["generator"] = ctx.generator.state_dict()
@@ -236,8 +266,10 @@ def _restore(ctx: Context, method: Method, state: dict) -> None:
     ctx.opt_s.load_state_dict(state["opt_s"])
     ctx.sched_s.load_state_dict(state["sched_s"])
     ctx.rng.set_state(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
+    restore_rng(state, ctx.device)
     method.load_state_dict(state["method"])
+    if ctx.bank is not None:
+        ctx.bank.load_state_dict(state["memory_bank"])
     for scale, saved in zip((ctx.scale_s, ctx.scale_g), state.get("loss_scales", ())):
         scale.load_state_dict(saved)
     if ctx.generator is not None:
@@ -254,23 +286,25 @@ def _train(ctx: Context, method: Method, start: int, seconds_before: float, rows
     s2, main = ctx.s2, distributed.is_main()
     t0 = time.monotonic()
     window: list[dict[str, float]] = []
-    for i in progress(s2.iterations - start, f"distill[{tag}]"):
+    total, warmup = s2.generator_warmup + s2.iterations, s2.generator_warmup
+    for i in progress(total - start, f"distill[{tag}]"):
         it = start + i
+        k = s2.k_student if it >= warmup else 0  # generator-only iterations first (stage2.generator_warmup)
         with autocast(ctx.cfg, ctx.device):
             logs = _floats(method.generator_step(it), "generator", it)
-            student_logs = [_floats(method.student_step(it), "student", it) for _ in range(s2.k_student)]
+            student_logs = [_floats(method.student_step(it), "student", it) for _ in range(k)]
         logs.update(_mean(student_logs))
         window.append(distributed.average_floats(logs))  # the global batch's values (one all-reduce)
         done = it + 1
-        if done % s2.log_every == 0 or done == s2.iterations:
-            row = {"iteration": float(done), "student_steps": float(done * s2.k_student),
+        if done % s2.log_every == 0 or done == total:
+            row = {"iteration": float(done), "student_steps": float(max(0, done - warmup) * s2.k_student),
                    "lr_student": ctx.sched_s.get_last_lr()[0], **_mean(window),
                    "seconds": seconds_before + time.monotonic() - t0}
-            if main and s2.monitor_every and (done % s2.monitor_every == 0 or done == s2.iterations):
+            if main and s2.monitor_every and (done % s2.monitor_every == 0 or done == total):
                 row.update(monitor(ctx))
             rows.append(row)
             window = []
-        if done % s2.checkpoint_every == 0 and done < s2.iterations and main:
+        if done % s2.checkpoint_every == 0 and done < total and main:
             resume.save(**_checkpoint_state(ctx, method, done, seconds_before + time.monotonic() - t0))
             write_rows(curves, rows)
     runtime = seconds_before + time.monotonic() - t0
@@ -283,9 +317,8 @@ def input_hashes(ctx: Context, method_cls: type[Method]) -> list[str]:
     """Hashes of the files a student is computed from: its teachers and its Stage-I artifact."""
     paths = Paths(ctx.root)
     files = [paths.teacher(role) for role in method_cls.teachers]
-    source = method_cls.generator_source or ""
-    if source.startswith("stage1:") and ctx.s2.generator_init == "stage1":
-        files.append(paths.generator(source.split(":")[1]))
+    if role := method_cls.stage1_role(ctx.s2):
+        files.append(paths.generator(role))
     files += [paths.inversion_pool] if method_cls.uses_pool else []
     return [f"{f.name}:{file_hash(f)}" for f in files if f.is_file()]
 
@@ -298,7 +331,9 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
     ctx = Context(cfg, method_cls, seed, root, device)
     if s2.monitor_every and distributed.is_main():
         splits = datasets.load(cfg.data)
-        ctx.monitor_data = datasets.first_n(getattr(splits, s2.monitor_split), s2.monitor_examples)
+        ctx.monitor_data = datasets.stratified_n(getattr(splits, s2.monitor_split), s2.monitor_examples)
+    if s2.generator_warmup and not method_cls.generator_source:
+        raise ConfigError(f"stage2.generator_warmup: {method_cls.name} has no generator to warm up; set it to 0")
     method = method_cls(ctx)
     tag = f"{method_cls.name}-seed{seed}"
     curves = paths.plots / "distill" / f"{tag}.csv"  # one directory: a single DVC out for any methods
@@ -321,7 +356,8 @@ def fit(cfg: Config, method_cls: type[Method], seed: int, root: Path, params_has
         "arch": s2.student.arch, "width": s2.student.width, "dataset": ctx.info.name,
         "num_classes": ctx.info.num_classes, "shape": list(ctx.info.shape), "params_hash": params_hash,
         "teachers_used": list(method_cls.teachers), "reading": method.reading(),
-        "iterations": s2.iterations, "student_steps": s2.iterations * s2.k_student,
+        "iterations": s2.iterations, "generator_warmup": s2.generator_warmup,
+        "student_steps": s2.iterations * s2.k_student,
         "runtime_seconds": round(runtime, 2), "final": final, "curves": str(curves.relative_to(paths.root)),
         "selection": "last iterate (no test-set selection)", "runtime": runtime_record(cfg, STUDENT_KEYS),
     }

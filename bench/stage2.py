@@ -88,7 +88,11 @@ def describe(cfg: config.Config) -> dict[str, Any]:
 @contextmanager
 def in_memory_artifacts(cfg: config.Config, seed: int = 0):
     """Teachers (random weights, non-trivial BN statistics, frozen, eval), Stage-I generators and an
-    inversion pool built in memory instead of read from artifacts/ (this process only)."""
+    inversion pool built in memory instead of read from artifacts/ (this process only). Each teacher is built
+    once per block; a block inside another one changes nothing (the outer block's teachers serve it)."""
+    if loop.load_teacher.__module__ == __name__:  # already ours: inside another block
+        yield
+        return
     info = datasets.info(cfg.data)
     cache: dict[str, torch.nn.Module] = {}
 
@@ -121,11 +125,12 @@ def in_memory_artifacts(cfg: config.Config, seed: int = 0):
         loop.load_teacher, warmup.load_generator, warmup.load_inversion_pool = saved
 
 
-def build(cfg: config.Config, method: str = "derd", seed: int = 0):
-    """(ctx, method instance) of one registered Stage-II method on in-memory artifacts."""
+def build(cfg: config.Config, method: str = "derd", seed: int = 0, device: torch.device | str = "cpu"):
+    """(ctx, method instance) of one registered Stage-II method on ``device``, on in-memory artifacts (those of
+    an enclosing :func:`in_memory_artifacts` block when there is one)."""
     cls = distill.get_method(method)
     with in_memory_artifacts(cfg, seed):
-        ctx = loop.Context(cfg, cls, seed, PROJECT, torch.device("cpu"))
+        ctx = loop.Context(cfg, cls, seed, PROJECT, torch.device(device))
         return ctx, cls(ctx)
 
 

@@ -23,7 +23,7 @@ EXERCISED = {
     "pip install -e '.[test]'": (".ci/run", "pip install -q -e '.[test]'"),
     "python -m pytest -n 2 --dist loadgroup": (".ci/run", "python -m pytest -n 2 --dist loadgroup"),
     "derd repro": ("tests/test_prefect_server.py", 'cli.main(["repro"'),
-    "derd preset": ("tests/test_presets.py", '["preset", preset'),
+    "derd preset": ("bench/synthetic.py", '["preset", preset'),  # run by tests/test_presets.py
     "derd sweep": ("tests/test_sweep.py", 'main(["sweep"'),
     "derd table": ("tests/test_sweep.py", 'main(["table"'),
     "derd ui": ("tests/test_ui.py", "ui.mlflow(cfg"),

@@ -92,7 +92,7 @@ def test_runs_are_browsable_in_the_mlflow_runs_table(pipeline_run):
     assert {"attributes.`Dataset`", "metrics.`derd.AA`", "metrics.`derd.Ave`", "metrics.`dafl.AA`"} <= set(view["selectedColumns"])
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`derd.kind` = 'parent'")
     note = parent.data.tags["mlflow.note.content"]
-    assert "digits 8×8" in note and "derd, dafl, rslad_real" in note and "Seeds: 0." in note
+    assert "digits 8×8" in note and f"Methods: {', '.join(cfg.stage2.methods)}. Seeds: 0." in note
     table = read_json(pipeline_run / EVALUATION)["rows"]
     derd_row = next(r for r in table if r["model"] == "derd-seed0")
     assert parent.data.metrics["derd.AA"] == pytest.approx(derd_row["AA"])

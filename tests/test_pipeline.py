@@ -1,9 +1,11 @@
 """End-to-end smoke of the DVC pipeline on the micro profile, in a throw-away copy of the project.
 
 `dvc repro` runs every stage through the `derd` CLI (Prefect flows against the session's test
-server, MLflow in the copy's store), recording what each stage reads so that dvc.yaml is checked
-against it; dry runs show what each kind of change reruns; a Stage-II change reruns distill and what
-follows, never teachers or warm-up, and MLflow shows which runs produced what.
+server, MLflow in the copy's store), with every registered Stage-II method and the SAT student,
+recording what each stage reads so that dvc.yaml is checked against it; dry runs show what each kind of
+change reruns; a Stage-II change reruns distill and what follows, never teachers or warm-up, and MLflow
+shows which runs produced what. After the traced run, the project keeps one method and no SAT student
+(`SMALL`): each further student is another stage process (~10 s), and what follows needs only one.
 """
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ from pathlib import Path
 import pytest
 import yaml
 from dependencies import mismatches
-from pipeline_profile import write_params
+from pipeline_profile import MICRO, write_params
 
 from derd import config
 from derd.artifacts import read_json
+from derd.distill import registered_methods
 from pipelines import tracking
 from pipelines.stages import STAGES
 
 PROJECT = Path(__file__).resolve().parent.parent
+METHODS = MICRO["stage2"]["methods"]
+SMALL = {"stage2.methods": ["derd"], "eval.sat_student": False}
 pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.xdist_group("prefect")]
 
 
@@ -82,6 +87,12 @@ def _ran(out: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", out)
 
 
+def test_the_traced_profile_runs_every_registered_method_and_the_sat_student():
+    """A method missing from the micro profile would have its reads never compared with dvc.yaml."""
+    assert sorted(METHODS) == sorted(registered_methods()), "tests/pipeline_profile.py: list every registered method"
+    assert MICRO["eval"]["sat_student"], "the SAT student's reads are the evaluate stage's too"
+
+
 def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
     root, env = project
     traces = tmp_path / "traces"
@@ -95,7 +106,7 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
     assert set(stale) <= {"inputs"}, f"after dvc repro only the always-run inputs stage may differ: {stale}"
     (shown,) = json.loads(_run(["dvc", "metrics", "show", "--json"], root, env)).values()  # the workspace
     table = shown["data"]["metrics/eval.json"]["data"]["table"]
-    assert set(table) == {"Nature", "SAT", "derd-seed0", "dafl-seed0", "rslad_real-seed0"}
+    assert set(table) == {"Nature", "SAT", "SAT student", *(f"{m}-seed0" for m in METHODS)}
     assert "AA" in table["derd-seed0"]
     plots = json.loads(_run(["dvc", "plots", "show", "--json"], root, env))
     assert not plots.get("errors") and any("distill" in name for name in plots["data"])
@@ -127,15 +138,24 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
     teachers_run = _stage_runs(children, "teachers")[0].info.run_id
     assert read_json(root / "artifacts/teachers/natural.json")["mlflow_run_id"] == teachers_run
 
+    # Evaluate again (one more MLflow run, so after those checks) with the SAT student cached: it then reads only
+    # its cache key, which must still be every declared key (a key that its training reads but the cache key lacks
+    # would reuse a stale SAT student).
+    cached, sat = tmp_path / "cached", root / "artifacts/reference/sat_student.pt"
+    shutil.copytree(traces, cached)
+    trained = sat.stat().st_mtime_ns
+    _run(["dvc", "repro", "--force", "--single-item", "evaluate"], root, {**env, "DERD_TRACE_READS": str(cached)})
+    assert sat.stat().st_mtime_ns == trained, "the SAT student was trained again, not read from its cache"
+    assert mismatches(root, cached) == {}, "the SAT student's cache key must hold every key its training reads"
+
     # what reruns, per change (dry runs: nothing is trained)
     def dry(changes: dict) -> list[str]:
         write_params(root / "params.yaml", changes)
         return [s for s in _ran(_run(["dvc", "repro", "--dry"], root, env)) if s != "inputs"]
 
-    assert dry({"stage2.seeds": [0, 1]}) == ["distill@derd-1", "distill@dafl-1", "distill@rslad_real-1", "evaluate",
-                                             "report"], \
+    assert dry({"stage2.seeds": [0, 1]}) == [*(f"distill@{m}-1" for m in METHODS), "evaluate", "report"], \
         "a new seed trains only its students"
-    assert dry({"stage2.methods": ["derd", "dafl", "rslad_real", "dfad"]}) == ["distill@dfad-0", "evaluate", "report"]
+    assert dry(SMALL) == ["evaluate", "report"], "dropping methods or the SAT student trains nothing"
     assert dry({"stage1.inversion.steps": 3}) == ["inversion", "report"], "a DERD_inv key never retrains a generator"
     assert dry({"eval.n_examples": 12}) == ["evaluate", "report"]
     assert dry({"data.root": "elsewhere", "data.download": True, "device": "auto"}) == ["report"], \
@@ -143,7 +163,7 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
 
     # A Stage-II change: distill, evaluate and report rerun; teachers and warm-up come from the cache. Run as
     # `derd repro`: every stage command is forked from its warm process (pipelines/warm.py).
-    write_params(root / "params.yaml", {"stage2.lambda_rob": 1.0})
+    write_params(root / "params.yaml", {**SMALL, "stage2.lambda_rob": 1.0})
     out = _run([sys.executable, "-m", "pipelines.cli", "repro"], root, env)
     assert out.count("forked from the warm process") == len(_ran(out)) >= 4, out[-3000:]
     assert "Stage 'teachers' didn't change, skipping" in out
@@ -151,8 +171,8 @@ def test_dvc_pipeline_end_to_end_and_stage2_rerun(project, tmp_path):
     assert "Running stage 'distill@derd-0'" in out and "Running stage 'report'" in out
     client, parents, children = _runs(root)
     assert len(parents) == 2
-    assert len(_stage_runs(children, "teachers")) == 1 and len(_stage_runs(children, "warmup")) == 2
-    assert len(_stage_runs(children, "distill")) == 6
+    assert len(_stage_runs(children, "teachers")) == 1 and len(_stage_runs(children, "warmup")) == len(units["warmup"])
+    assert len(_stage_runs(children, "distill")) == len(METHODS) + 1
     new_parent = next(p for p in parents if p.info.run_id != parent.info.run_id)
     assert new_parent.data.params["stage2.lambda_rob"] == "1.0"
     assert new_parent.data.tags["derd.run.teachers"] == teachers_run, "the cached teachers stay linked"

@@ -97,12 +97,17 @@ def _settings(ev: Eval, column: str, seed: int, n: int) -> dict:
 
 
 # ---------------------------------------------------------------- the models
+# what the SAT student is trained from (dvc.yaml's evaluate params): its cache key, read whether or not it is cached
+SAT_STUDENT_KEYS = ("seed", "data", "stage2.student", "teachers.robust.method", "teachers.robust.trades_beta",
+                    "teachers.robust.train", "teachers.robust.attack", "runtime.amp")
+
+
 def sat_student(cfg: Config, root: Path, splits: datasets.Splits, device: torch.device) -> nn.Module:
     """The student architecture adversarially trained on the real data, trained once and cached."""
     robust, student = cfg.teachers.robust, cfg.stage2.student
     spec = RobustTeacher(arch=student.arch, width=student.width, method=robust.method, trades_beta=robust.trades_beta,
                          train=robust.train, attack=robust.attack)
-    key = json_hash({"seed": cfg.seed, "data": cfg.data.model_dump(), "spec": spec.model_dump(), "code": code_hash()}, 12)
+    key = json_hash({"params": cfg.section_hash(*SAT_STUDENT_KEYS), "code": code_hash()}, 12)
     path = Paths(root).root / "artifacts" / "reference" / "sat_student.pt"
     model = build_for(student.arch, student.width, splits.info).to(device)
     if path.exists() and sidecar_path(path).exists() and read_json(sidecar_path(path)).get("spec_key") == key:

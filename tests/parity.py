@@ -30,9 +30,10 @@ PROFILE = {"tracking.enabled": False, "stage1.generators": ["natural", "robust"]
 # Allowed |golden − rerun|, by whether the rerun's machine (torch, its CPU kernels, the CPU model) is the golden
 # file's. Measured on a 2-core Xeon (AVX512): three runs were exactly equal; forcing other kernels (AVX2, or scalar
 # with ATEN_CPU_CAPABILITY=default DNNL_MAX_CPU_ISA=SSE41) moved finals by up to 1.6% / 3.1% relative (a robust
-# loss of 0.029 by 0.0009) and one table cell by one of the 16 examples (6.25 points).
+# loss of 0.029 by 0.0009) and one table cell by one of the 16 examples (6.25 points). Another CPU model may drift
+# further than forced kernels on one: the other-machine bound keeps a margin of one more example and 10 % relative.
 TOLERANCE = {"same machine": {"table_points": 0.0, "rel": 0.0, "abs": 0.0},
-             "other machine": {"table_points": 100 / 16, "rel": 0.06, "abs": 1e-4}}
+             "other machine": {"table_points": 2 * 100 / 16, "rel": 0.10, "abs": 1e-4}}
 NUMBER_STAGES = ("teachers", "warmup", "distill", "evaluate")  # what the golden numbers come from (no report)
 
 

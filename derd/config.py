@@ -217,7 +217,7 @@ class Baselines(Section):
 
 
 class MemoryBankOpts(Section):  # replay memory for the generator-based methods (derd/distill/memory_bank.py)
-    size: int = Field(0, ge=0)  # images kept, the oldest leave first; 0 = off (CMI and FERD keep their own banks)
+    capacity: int = Field(0, ge=0)  # images kept, the oldest leave first; 0 = off (CMI and FERD keep their own banks)
     enters: Literal["generator", "student"] = "generator"  # every generator-step batch | fresh rows of student batches
     fraction: float = Field(1.0, gt=0, le=1)  # share of each student batch drawn from the bank; the rest fresh G(z)
 

@@ -143,6 +143,24 @@ def test_section_hash_changes_only_with_its_section():
     assert a.section_hash("stage2") != b.section_hash("stage2")
 
 
+def test_every_key_moves_dvcs_run_cache_key():
+    """DVC's run-cache key drops every mapping key named ``size`` or ``nfiles`` at any depth (they are file
+    metadata in a lock), so a parameter so named would let `dvc exp run -S it=...` restore the outputs of
+    another value. Changing any params.yaml leaf must change the key DVC computes."""
+    from dvc.stage.cache import _get_cache_hash
+
+    from pipelines.sweep import leaves, nested
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def key(p):
+        return _get_cache_hash({"cmd": "derd", "params": {"params.yaml": p}, "outs": []}, key=True)
+
+    base = key(params)
+    hidden = [leaf for leaf in leaves(params) if key(nested({leaf: "changed"}, params)) == base]
+    assert hidden == [], f"DVC's run-cache ignores these params.yaml keys (rename them): {hidden}"
+
+
 def test_a_missing_gpu_is_named_at_run_time():
     from derd.runtime import resolve_device
 

@@ -77,7 +77,7 @@ def test_the_bank_lives_on_its_device_and_saves_on_the_cpu():
 
 
 def context(root, method="dfad", augment=True, **bank):  # noqa: F811
-    cfg = micro_config(methods=[method], augment=augment, memory_bank={"size": 12, **bank})
+    cfg = micro_config(methods=[method], augment=augment, memory_bank={"capacity": 12, **bank})
     ctx = distill.Context(cfg, distill.get_method(method), 0, root, CPU)
     return ctx, distill.get_method(method)(ctx)
 
@@ -109,15 +109,15 @@ def test_bad_bank_settings_are_named(root):  # noqa: F811
     with pytest.raises(ConfigError, match="stage2.memory_bank.enters: student with fraction 1"):
         context(root, enters="student")
     with pytest.raises(ConfigError, match="stage2.memory_bank.fraction: must be > 0"):
-        micro_config(memory_bank={"size": 4, "fraction": 0})
+        micro_config(memory_bank={"capacity": 4, "fraction": 0})
     ctx, method = context(root, method="derd_inv")  # no generator: no bank
     assert ctx.bank is None and method.reading()["memory_bank"] == "off"
-    assert context(root, size=0)[0].bank is None
+    assert context(root, capacity=0)[0].bank is None
 
 
 @pytest.mark.parametrize("method", ["dfad", "derd"])
 def test_an_interrupted_run_resumes_with_its_bank(root, method, monkeypatch):  # noqa: F811
-    cfg = micro_config(methods=[method], iterations=4, checkpoint_every=2, memory_bank={"size": 12, "fraction": 0.5})
+    cfg = micro_config(methods=[method], iterations=4, checkpoint_every=2, memory_bank={"capacity": 12, "fraction": 0.5})
     paths = Paths(root)
     distill.train_student(cfg, method, 0, root)
     expected = load_tensors(paths.student(method, 0))

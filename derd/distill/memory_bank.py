@@ -36,13 +36,13 @@ class MemoryBank:
 
     @classmethod
     def from_config(cls, opts, has_generator: bool, device: torch.device) -> MemoryBank | None:
-        """The bank ``stage2.memory_bank`` asks for (None when its size is 0 or the method has no generator)."""
-        if opts.size == 0 or not has_generator:
+        """The bank ``stage2.memory_bank`` asks for (None when its capacity is 0 or the method has no generator)."""
+        if opts.capacity == 0 or not has_generator:
             return None
         if opts.enters == "student" and opts.fraction == 1:
             raise ConfigError("stage2.memory_bank.enters: student with fraction 1 admits only the first batch (no "
                               "later batch has fresh rows); lower stage2.memory_bank.fraction below 1 or use generator")
-        return cls(opts.size, opts.fraction, device, opts.enters)
+        return cls(opts.capacity, opts.fraction, device, opts.enters)
 
     def __len__(self) -> int:
         return len(self.images)
